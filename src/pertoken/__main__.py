@@ -1,0 +1,5 @@
+import sys
+
+from pertoken.cli import main
+
+sys.exit(main())

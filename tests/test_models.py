@@ -1,0 +1,121 @@
+import json
+
+import pytest
+import torch
+
+from pertoken.errors import UserError
+from pertoken.models import (ALIASES, DEFAULT_MODEL, convert_gguf, find_package_file, list_models,
+                             load_model, resolve, tiny_byte_tokenizer, tiny_llama)
+
+
+def test_tiny_tokenizer_round_trips_arbitrary_text():
+    tok = tiny_byte_tokenizer()
+    for text in ["hello world", "  tabs\tand\nnewlines\n", "Ünïcödé 中文 Straße 🚀", ""]:
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
+def test_tiny_llama_is_deterministic_per_seed():
+    a, _ = tiny_llama(seed=3)
+    b, _ = tiny_llama(seed=3)
+    c, _ = tiny_llama(seed=4)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(a(ids).logits, b(ids).logits)
+    assert not torch.equal(a(ids).logits, c(ids).logits)
+
+
+def test_load_model_from_saved_folder_reproduces_logits(tmp_path, tiny):
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tok = load_model(str(tmp_path))
+    ids = torch.tensor([tokenizer.encode("a small test", add_special_tokens=False)])
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert loaded_tok.encode("a small test") == tokenizer.encode("a small test")
+    assert not loaded.training
+
+
+def test_load_model_in_bfloat16_and_eager(tmp_path, tiny):
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, _ = load_model(str(tmp_path), dtype="bfloat16", attn_implementation="eager")
+    assert loaded.dtype == torch.bfloat16
+    assert loaded.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("bad", ["/no/such/model", "no-such-alias", "someone/not-cached-here"])
+def test_unknown_model_is_a_user_error(bad):
+    with pytest.raises(UserError, match="no model"):
+        load_model(bad)
+
+
+def test_folder_without_config_and_non_gguf_file_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="config.json"):
+        resolve(str(tmp_path))
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(UserError, match="gguf"):
+        resolve(str(f))
+
+
+def test_bad_dtype_is_a_user_error(tmp_path, tiny):
+    with pytest.raises(UserError, match="dtype"):
+        load_model(DEFAULT_MODEL, dtype="int3")
+
+
+def test_find_package_file_does_not_import_the_package():
+    import sys
+
+    assert find_package_file("pertoken", "models.py") is not None
+    assert find_package_file("no_such_package_xyz", "x") is None
+    if ALIASES[DEFAULT_MODEL].package in sys.modules:
+        pytest.skip("already imported elsewhere")
+    find_package_file(ALIASES[DEFAULT_MODEL].package, ALIASES[DEFAULT_MODEL].filename)
+    assert ALIASES[DEFAULT_MODEL].package not in sys.modules
+
+
+def test_list_models_names_every_alias():
+    rows = list_models()
+    assert [r["alias"] for r in rows] == list(ALIASES)
+    assert all(set(r) >= {"cached", "gguf", "install"} for r in rows)
+
+
+def _default_gguf():
+    entry = ALIASES[DEFAULT_MODEL]
+    path = find_package_file(entry.package, entry.filename)
+    if path is None:
+        pytest.skip(f"default model not installed ({entry.install})")
+    return path
+
+
+@pytest.mark.slow
+def test_default_model_conversion_matches_gguf_load_exactly(tmp_path):
+    """The cached safetensors folder gives the same logits as loading the GGUF file itself."""
+    gguf = _default_gguf()
+    out = convert_gguf(gguf, tmp_path / "converted")
+    assert json.loads((out / "pertoken.json").read_text())["dtype"] == "float32"
+    from_gguf, gguf_tok = load_model(str(gguf))
+    converted, tok = load_model(str(out))
+    text = "The capital of France is Paris. Ünïcödé 中文 🚀\n\tdef f(x): return x"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids == gguf_tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    assert sum(p.numel() for p in converted.parameters()) == 134_515_008
+    batch = torch.tensor([ids])
+    with torch.inference_mode():
+        assert torch.equal(from_gguf(batch).logits, converted(batch).logits)
+
+
+@pytest.mark.slow
+def test_default_alias_loads_from_cache_and_answers_sensibly():
+    _default_gguf()
+    model, tok = load_model(DEFAULT_MODEL)  # converts into the test cache on first use
+    assert [r for r in list_models() if r["alias"] == DEFAULT_MODEL][0]["cached"]
+    model, tok = load_model(DEFAULT_MODEL)  # now from the cached folder
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                     return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    answer = tok.decode(out[0, prompt["input_ids"].shape[1]:])
+    assert "Paris" in answer
