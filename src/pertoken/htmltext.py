@@ -1,8 +1,8 @@
 """Plain text from documentation HTML (Sphinx, mdBook, DocBook), with the stdlib HTMLParser.
 
 Written by hand because no installed library does this offline with the controls we need: keep
-only the page's main region when it has one, drop navigation, tables of contents and permalink
-marks, keep ``<pre>`` blocks verbatim, and cut the page into sections at ``<h1>`` headings (an
+only the page's main region when it has one, drop navigation, tables of contents, permalink
+marks and rustdoc's repeated boilerplate, keep ``<pre>`` blocks verbatim, and cut the page into sections at ``<h1>`` headings (an
 mdBook ``print.html`` holds a whole book).
 """
 
@@ -15,7 +15,12 @@ _VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "me
          "source", "track", "wbr"}
 _SKIP_TAGS = {"script", "style", "nav", "head", "header", "footer", "noscript", "svg", "button"}
 _SKIP_CLASSES = {"headerlink", "toc", "docnav", "wy-nav-side", "sphinxsidebar", "related",
-                 "rst-footer-buttons", "sidetoc", "nav-chapters", "nav-wrapper", "menu-bar"}
+                 "rst-footer-buttons", "sidetoc", "nav-chapters", "nav-wrapper", "menu-bar",
+                 # rustdoc: source links, run buttons, tooltips repeating the page, toggle labels
+                 "rightside", "srclink", "test-arrow", "notable-traits", "hideme", "out-of-band"}
+# rustdoc's blanket and auto-trait impls are the same boilerplate on every type page
+_SKIP_IDS = {"blanket-implementations", "blanket-implementations-list",
+             "synthetic-implementations", "synthetic-implementations-list"}
 _BLOCK = {"p", "div", "li", "ul", "ol", "dl", "dt", "dd", "tr", "table", "blockquote", "pre",
           "h1", "h2", "h3", "h4", "h5", "h6", "section", "article", "br", "hr", "figure",
           "figcaption", "main", "body"}
@@ -26,7 +31,7 @@ def _is_main(tag: str, attrs: dict) -> bool:
 
 
 def _skips(tag: str, attrs: dict) -> bool:
-    if tag in _SKIP_TAGS or attrs.get("role") == "navigation":
+    if tag in _SKIP_TAGS or attrs.get("role") == "navigation" or attrs.get("id") in _SKIP_IDS:
         return True
     classes = set((attrs.get("class") or "").split())
     return bool(classes & _SKIP_CLASSES)
