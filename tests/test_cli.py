@@ -73,3 +73,29 @@ def test_report_command_builds_html(tmp_path, capsys):
     assert main(["report", "--results-dir", str(results), "-o", str(tmp_path / "r" / "index.html")]) == 0
     assert "<table>" in (tmp_path / "r" / "index.html").read_text()
     assert main(["report", "--results-dir", str(tmp_path / "absent")]) == 2
+
+
+def test_a_hub_id_in_the_local_cache_loads_without_network(tmp_path, tiny):
+    """A model already in the Hugging Face cache is found by its hub id, offline."""
+    import os
+
+    model, tok = tiny
+    snapshot = tmp_path / "hub" / "models--someone--tiny-llama" / "snapshots" / "0123abcd"
+    model.save_pretrained(snapshot)
+    tok.save_pretrained(snapshot)
+    (tmp_path / "hub" / "models--someone--tiny-llama" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny-llama" / "refs" / "main").write_text("0123abcd")
+    text = tmp_path / "t.txt"
+    text.write_text("A few words to score.\n\nAnd a second paragraph.")
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "pertoken", "eval", "ppl", "--model",
+                           "someone/tiny-llama", "--corpus", str(text), "--split", "all",
+                           "--json", str(tmp_path / "o.json")], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "o.json").read_text())["tokens"] > 10
+    env["HF_HUB_CACHE"] = str(tmp_path / "empty")
+    done = subprocess.run([sys.executable, "-m", "pertoken", "eval", "ppl", "--model",
+                           "someone/tiny-llama", "--corpus", str(text)], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 2 and "no model" in done.stderr
