@@ -65,16 +65,14 @@ def _data_list(args) -> int:
     from pertoken.data import list_corpora
 
     rows = list_corpora()
-    if not args.json:
-        for row in rows:
-            if row["built"]:
-                row["size"] = f"{row['bytes']:,} bytes, {row['documents']:,} docs"
-            elif row["needs"]:
-                row["size"] = f"not built (needs {', '.join(row['needs'])})"
-            else:
-                row["size"] = "not built"
-    _print_json_or_table(rows, ["name", "language", "size", "description"] if not args.json
-                         else [], args.json)
+    for row in rows:
+        if row["built"]:
+            row["size"] = f"{row['bytes']:,} bytes, {row['documents']:,} docs"
+        elif row["needs"]:
+            row["size"] = f"not built (needs {', '.join(row['needs'])})"
+        else:
+            row["size"] = "not built"
+    _print_json_or_table(rows, ["name", "language", "size", "description"], args.json)
     return 0
 
 

@@ -216,9 +216,9 @@ def ensure_debian_package(corpus: NamedCorpus, install: bool) -> None:
     package = corpus.debian_package
     can_apt = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get")
     if not (install and can_apt):
-        how = f"run `pertoken data build {corpus.name}` as root, or" if not install else ""
+        how = "" if install else f"run `pertoken data build {corpus.name}` as root, or "
         raise UserError(f"corpus {corpus.name} needs the Debian package {package}: "
-                        f"{how} `sudo apt-get install {package}`".replace(":  ", ": "))
+                        f"{how}`sudo apt-get install {package}`")
     log.info("installing Debian package %s", package)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     cmd = ["apt-get", "install", "-y", "--no-install-recommends", package]
@@ -292,18 +292,19 @@ def list_corpora() -> list[dict]:
     """Every named corpus with its size if built (``None`` where not built yet)."""
     rows = []
     for corpus in CORPORA.values():
-        metas = [_meta(n) for n in (corpus.members or (corpus.name,))]
+        names = corpus.members or (corpus.name,)
+        metas = [_meta(n) for n in names]
         built = all(m is not None for m in metas)
         meta = (_union_meta(corpus, metas) if corpus.members else metas[0]) if built else None
-        missing = [CORPORA[n].debian_package for n in (corpus.members or (corpus.name,))
-                   if _meta(n) is None and CORPORA[n].needs_path
-                   and not Path(CORPORA[n].needs_path).exists()]
+        missing = {CORPORA[n].debian_package for n, m in zip(names, metas)
+                   if m is None and CORPORA[n].needs_path
+                   and not Path(CORPORA[n].needs_path).exists()}
         rows.append({
             "name": corpus.name, "description": corpus.description, "language": corpus.language,
             "built": built,
             "documents": sum(s["documents"] for s in meta["splits"].values()) if meta else None,
             "bytes": sum(s["bytes"] for s in meta["splits"].values()) if meta else None,
-            "needs": sorted(set(p for p in missing if p)),
+            "needs": sorted(p for p in missing if p),
         })
     return rows
 
@@ -316,8 +317,8 @@ def _check_split(split: str) -> None:
         raise UserError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
 
 
-def _jsonl_texts(path: Path, text_field: str, splits: tuple[str, ...] | None,
-                 split: str) -> Iterator[str]:
+def _jsonl_texts(path: Path, text_field: str, split: str) -> Iterator[str]:
+    """Documents of a JSONL file; a record's split comes from its ``id`` (else its line)."""
     with open(path, encoding="utf-8", errors="replace") as handle:
         for lineno, line in enumerate(handle, 1):
             if not line.strip():
@@ -328,10 +329,9 @@ def _jsonl_texts(path: Path, text_field: str, splits: tuple[str, ...] | None,
                 raise UserError(f"{path}:{lineno} is not valid JSON") from None
             if not isinstance(record, dict) or text_field not in record:
                 raise UserError(f"{path}:{lineno} has no field {text_field!r} (use --text-field)")
-            key = record.get("id", f"{path}:{lineno}") if splits is None else None
-            if splits is None and split != "all" and split_of(str(key)) != split:
-                continue
-            yield str(record[text_field])
+            key = str(record.get("id", f"{path}:{lineno}"))
+            if split == "all" or split_of(key) == split:
+                yield str(record[text_field])
 
 
 def _paragraph_texts(path: Path, split: str) -> Iterator[str]:
@@ -405,7 +405,7 @@ class Corpus:
             return
         for path in self.paths:
             if path.suffix == ".jsonl":
-                yield from _jsonl_texts(path, self.text_field, None, split)
+                yield from _jsonl_texts(path, self.text_field, split)
             else:
                 yield from _paragraph_texts(path, split)
 
