@@ -65,3 +65,38 @@ def write_results(results_dir: Path, name: str, result: dict, markdown: str) -> 
     """Write ``<name>.json`` and ``<name>.md`` into ``results_dir`` atomically."""
     write_text_atomic(Path(results_dir) / f"{name}.md", markdown)
     return write_json_atomic(Path(results_dir) / f"{name}.json", result)
+
+
+class PeakMemory:
+    """Peak resident memory of this process while the ``with`` block runs, sampled every 20 ms.
+
+    ``peak_mb`` is the highest RSS seen (at least the RSS at entry and exit).
+    """
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.peak_mb = 0.0
+
+    @staticmethod
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as handle:
+            pages = int(handle.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, self.rss_mb())
+
+    def __enter__(self) -> "PeakMemory":
+        import threading
+
+        self.peak_mb = self.rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self.rss_mb())

@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the result as JSON here")
     p.set_defaults(func=_eval_ppl)
 
+    from pertoken.superbpe.cli import add_commands as add_superbpe
+
+    add_superbpe(commands, _Parser, _positive_int)
+
     p = commands.add_parser("demo", help="run every method at a small setting and build the report")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--results-dir", default="docs/results")
