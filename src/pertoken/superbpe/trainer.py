@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -127,35 +128,35 @@ def train_stage1(lines: Iterable[str], vocab_size: int, pretokenization: str = "
     return tokens, _merges_of(tokenizer)
 
 
+# No stage-1 token holds a printable ASCII character followed by a space (both regex sets
+# attach a space only to the start of a pretoken, or inside all-whitespace ones), so no
+# stage-1 merge crosses such a point: a stage-2 word encodes as the concatenation of the
+# encodings of its pieces cut there, and the pieces repeat a lot.
+_SAFE_CUT = re.compile("(?<=[!-~])(?=\u0120)")
+
+
 def stage2_words(lines: Iterable[str], tokens: list[str], merges: list[tuple[str, str]],
-                 pretokenization: str = "paper", batch: int = 4096) -> Counter:
+                 pretokenization: str = "paper") -> Counter:
     """Unique stage-2 words as ``int32`` bytes of their stage-1 ids, with counts.
 
     Stage-1 encoding uses stock BPE in merge-rank order, which reproduces the training-style
-    replay of the inherited merges (spec §1.3).
+    replay of the inherited merges (spec §1.3); each distinct piece (see ``_SAFE_CUT``) is
+    encoded once.
     """
+    stage2 = pre_tokenizer(2, pretokenization)
+    word_counts: Counter = Counter()
+    for line, repeat in Counter(lines).items():
+        for word, _ in stage2.pre_tokenize_str(line):
+            word_counts[word] += repeat
+    pieces = {piece for word in word_counts for piece in _SAFE_CUT.split(word)}
     vocab = {t: i for i, t in enumerate(tokens)}
-    encoder = Tokenizer(BPE(vocab=vocab, merges=merges, ignore_merges=False))
-    encoder.pre_tokenizer = pre_tokenizer(2, pretokenization)
+    encoder = Tokenizer(BPE(vocab=vocab, merges=merges, ignore_merges=False))  # input is byte-level
+    unique = list(pieces)
+    piece_ids = {piece: np.asarray(enc.ids, dtype=np.int32).tobytes() for piece, enc in
+                 zip(unique, encoder.encode_batch_fast(unique, add_special_tokens=False))}
     words: Counter = Counter()
-    chunk: list[str] = []
-
-    def flush() -> None:
-        for enc in encoder.encode_batch(chunk, add_special_tokens=False):
-            ids = np.asarray(enc.ids, dtype=np.int32)
-            if ids.size == 0:
-                continue
-            word_ids = np.asarray(enc.word_ids, dtype=np.int64)
-            cuts = np.flatnonzero(np.diff(word_ids)) + 1
-            for piece in np.split(ids, cuts):
-                words[piece.tobytes()] += 1
-        chunk.clear()
-
-    for line in lines:
-        chunk.append(line)
-        if len(chunk) >= batch:
-            flush()
-    flush()
+    for word, repeat in word_counts.items():
+        words[b"".join([piece_ids[p] for p in _SAFE_CUT.split(word)])] += repeat
     return words
 
 
