@@ -1,9 +1,11 @@
 """``pertoken demo``: every method that exists so far, at a small quick setting, on the default
 model and corpora, then the report.
 
-So far that is the shared evaluation: perplexity and bits per byte of the default model on the
-held-out split of each corpus that can be built here (the wiki corpora always can; the Debian
-documentation corpora when their packages are installed).
+- evaluation: perplexity and bits per byte of the default model on the held-out split of each
+  corpus that can be built here (the wiki corpora always can; the Debian documentation corpora
+  when their packages are installed);
+- SuperBPE: BPE against SuperBPE at a few transition points, trained on wiki-en at a small
+  vocabulary, scored on held-out wiki-en beside the default model's own tokenizer.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ class DemoConfig:
     """torch threads (1 is fastest and steadiest on a busy 2-core machine)"""
     corpora: tuple[str, ...] = field(default=DEMO_CORPORA)
     """corpora to evaluate on; those that cannot be built here are skipped"""
+    superbpe_vocab: int = 8192
+    """vocabulary size of the demo's SuperBPE and BPE tokenizers"""
+    superbpe_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    """transition points t / V of the demo's tokenizers (1.0 is plain BPE)"""
 
 
 def run_eval(config: DemoConfig, model, tokenizer) -> Path:
@@ -77,6 +83,51 @@ def run_eval(config: DemoConfig, model, tokenizer) -> Path:
     return write_json_atomic(config.results_dir / "demo-eval.json", out)
 
 
+def run_superbpe(config: DemoConfig) -> Path:
+    """BPE against SuperBPE on wiki-en; writes ``demo-superbpe.json``."""
+    from tqdm.auto import tqdm
+
+    from pertoken.atomic import write_json_atomic
+    from pertoken.data import open_corpus
+    from pertoken.superbpe import SuperBPEConfig, load_any_tokenizer, score_tokenizers, train_superbpe
+
+    corpus = open_corpus("wiki-en")
+    heldout = list(corpus.documents("heldout"))
+    trained = []
+    for fraction in tqdm(config.superbpe_fractions, desc="demo: SuperBPE", unit="tokenizer"):
+        t = int(round(fraction * config.superbpe_vocab))
+        tokenizer, info = train_superbpe(corpus.documents("train"),
+                                         SuperBPEConfig(vocab_size=config.superbpe_vocab,
+                                                        transition=t),
+                                         corpus.documents("train"))
+        name = "BPE" if t == config.superbpe_vocab else f"SuperBPE t={fraction:g}V"
+        stats = info["stats"]
+        trained.append((name, tokenizer, t, stats["stage1_seconds"] + stats["stage2_encode_seconds"]
+                        + stats["stage2_train_seconds"]))
+    bpe_first = [trained[-1]] + trained[:-1]
+    scores = score_tokenizers([(n, tok) for n, tok, _, _ in bpe_first]
+                              + [(config.model, load_any_tokenizer(config.model))], heldout)
+    rows = []
+    for score, (_, _, t, seconds) in zip(scores, bpe_first + [(None, None, None, None)]):
+        rows.append({"tokenizer": score.name, "transition": t, "vocab_size": score.vocab_size,
+                     "bytes_per_token": score.bytes_per_token,
+                     "relative_tokens": score.relative_tokens,
+                     "superword_entries": score.superword_entries,
+                     "encode_mb_per_s": score.encode_mb_per_s, "train_seconds": seconds})
+    curve = sorted(rows[:-1], key=lambda r: r["transition"])
+    out = {
+        "method": "superbpe", "title": f"Demo: SuperBPE against BPE at V={config.superbpe_vocab}",
+        "description": "Trained on wiki-en train (4.6 MB), scored on wiki-en held-out; "
+                       "relative tokens are against BPE of the same size.",
+        "rows": rows,
+        "plots": [{"title": "Bytes per token on held-out wiki-en (t/V = 1 is BPE)",
+                   "x": [f"{r['transition'] / config.superbpe_vocab:g}" for r in curve],
+                   "series": {f"V={config.superbpe_vocab}": [r["bytes_per_token"] for r in curve]},
+                   "xlabel": "transition t / V", "ylabel": "bytes per token"}],
+    }
+    return write_json_atomic(config.results_dir / "demo-superbpe.json", out)
+
+
 def run_demo(config: DemoConfig) -> Path:
     """Run the demo and return the report's path."""
     import torch
@@ -87,8 +138,8 @@ def run_demo(config: DemoConfig) -> Path:
     start = time.perf_counter()
     torch.set_num_threads(config.threads)
     model, tokenizer = load_model(config.model)
-    path = run_eval(config, model, tokenizer)
-    log.info("wrote %s", path)
+    for path in (run_eval(config, model, tokenizer), run_superbpe(config)):
+        log.info("wrote %s", path)
     report = build_report(config.results_dir, config.report)
     log.info("demo done in %.0f s; open %s", time.perf_counter() - start, report)
     return report

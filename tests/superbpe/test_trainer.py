@@ -53,10 +53,12 @@ def _first_divergence(ours, reference):
     return None if len(ours) == len(reference) else min(len(ours), len(reference))
 
 
-def test_stage2_start_equals_training_style_replay_of_inherited_merges():
+@pytest.mark.parametrize("pretokenization", ["paper", "2025"])
+def test_stage2_start_equals_training_style_replay_of_inherited_merges(pretokenization):
     docs = _documents(150_000)
-    tokens, merges, words = _stage2_start(docs, 600)
-    pieces = [p for line in lines_of(docs) for p, _ in pre_tokenizer(2).pre_tokenize_str(line)]
+    tokens, merges, words = _stage2_start(docs, 600, pretokenization)
+    pieces = [p for line in lines_of(docs)
+              for p, _ in pre_tokenizer(2, pretokenization).pre_tokenize_str(line)]
     replayed = replay_merges([list(p) for p in pieces], merges)
     expected = {}
     for word in replayed:

@@ -44,13 +44,17 @@ def load_any_tokenizer(spec: str) -> Tokenizer:
 
             return load_released(path)
         raise UserError(f"{spec} holds neither tokenizer.json nor vocab.json + merges.txt")
-    from pertoken.models import ALIASES, converted_dir, load_model
+    from pertoken.models import ALIASES, alias_gguf, converted_dir
 
     if spec in ALIASES:
         folder = converted_dir(spec)
-        if not (folder / "tokenizer.json").is_file():
-            load_model(spec)  # converts and caches the model and its tokenizer
-        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+        if (folder / "tokenizer.json").is_file():
+            return Tokenizer.from_file(str(folder / "tokenizer.json"))
+        from transformers import AutoTokenizer  # not converted yet: read the GGUF's tokenizer
+
+        gguf = alias_gguf(spec)
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                             local_files_only=True).backend_tokenizer
     raise UserError(f"no tokenizer {spec!r}: give a tokenizer.json, a folder, or a model alias")
 
 
