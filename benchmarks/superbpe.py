@@ -107,6 +107,7 @@ def main() -> None:
         for name in args.eval_corpora:
             row[f"{name}_bpt"] = run["eval"][name]["bytes_per_token"]
             row[f"{name}_rel"] = run["eval"][name]["relative_tokens"]
+        row["docs_en_encode_mb_s"] = run["eval"].get("docs-en", {}).get("encode_mb_per_s")
         row["encode_mb_s_vs_bpe"] = (run["eval"]["docs-en"]["encode_mb_per_s"]
                                      / bpe["eval"]["docs-en"]["encode_mb_per_s"]
                                      if "docs-en" in run["eval"] else None)
@@ -129,7 +130,7 @@ def main() -> None:
         for vocab in args.vocab_sizes:
             group = sorted((r for r in rows if r["V"] == vocab), key=lambda r: r["t"])
             series[f"V={vocab}"] = [r[f"{name}_bpt"] for r in group]
-        x = [f"{r['t'] / r['V']:g}" for r in sorted((r for r in rows if r["V"] == args.vocab_sizes[0]),
+        x = [f"{r['t'] / r['V']:.2g}" for r in sorted((r for r in rows if r["V"] == args.vocab_sizes[0]),
                                                       key=lambda r: r["t"])]
         plots.append({"title": f"Bytes per token on held-out {name} (t/V = 1 is BPE)",
                       "x": x, "series": series, "xlabel": "transition t / V",
@@ -146,7 +147,7 @@ def main() -> None:
     }
     cols = ["V", "tokenizer", "t", "superwords", "train_s", "train_vs_bpe",
             "stage1_rss_mb_per_corpus_mb", "stage2_rss_mb_per_corpus_mb"] + \
-        [f"{n}_bpt" for n in args.eval_corpora] + [f"{n}_rel" for n in english] + ["encode_mb_s_vs_bpe"]
+        [f"{n}_bpt" for n in args.eval_corpora] + [f"{n}_rel" for n in english] + ["docs_en_encode_mb_s", "encode_mb_s_vs_bpe"]
     md = (f"# {result['title']}\n\n{result['description']}\n\n"
           + markdown_table(rows, cols) + "\n## Summary\n\n"
           + "\n".join(f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"
