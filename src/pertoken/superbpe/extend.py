@@ -50,15 +50,10 @@ def _key(count, left, right):
     return -((count << (2 * ID_BITS)) | ((_ID_MASK - left) << ID_BITS) | (_ID_MASK - right))
 
 
-class _Pairs:
-    """Documentation only: the pair table is kept in parallel arrays indexed by slot.
-
-    ``slots``: pair key -> slot; ``count[slot]``; ``pair_of[slot]``; ``done[slot]`` (merged or
-    forbidden); ``head[slot]``: first node of the slot's occurrence list, whose nodes are
-    ``node_pos`` (left position of an occurrence, maybe stale) and ``node_next``.
-    """
-
-
+# The pair table lives in parallel arrays indexed by slot: ``slots`` maps a pair key to its
+# slot; ``count``, ``pair_of`` and ``done`` (merged or forbidden) per slot; ``head`` is the
+# first node of the slot's occurrence list, whose nodes are ``node_pos`` (the left position of
+# an occurrence, possibly stale) and ``node_next``.
 @njit(cache=True)
 def _slot(pair, slots, n_slots, count, head, done, pair_of):
     if pair in slots:

@@ -178,8 +178,8 @@ def train_superbpe(documents_stage1: Iterable[str], config: SuperBPEConfig,
                    documents_stage2: Iterable[str] | None = None) -> tuple[Tokenizer, dict]:
     """Train a SuperBPE tokenizer; returns it and the ``training.json`` contents.
 
-    ``documents_stage2`` defaults to a second pass over the same documents (give a fresh
-    iterable; the spec notes the two stages may use different data).
+    ``documents_stage2`` is read when stage 2 runs (t < vocab_size): usually a second, fresh
+    pass over the same documents, though the spec notes the two stages may use different data.
     """
     config.validate()
     t = config.resolved_transition()
@@ -216,8 +216,6 @@ def train_superbpe(documents_stage1: Iterable[str], config: SuperBPEConfig,
         stats.stage2_peak_rss_mb = memory.peak_mb
         stats.stage2_merges = len(new)
         merges = merges + new
-        if stats.corpus_bytes == 0:
-            raise UserError("the training corpus is empty")
         log.info("stage 2: %d merges in %.1f s (+%.1f s encoding)", len(new),
                  stats.stage2_train_seconds, stats.stage2_encode_seconds)
     if stats.corpus_bytes == 0:
