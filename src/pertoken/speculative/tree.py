@@ -1,0 +1,90 @@
+"""Verify a draft-token tree in one forward pass of a stock transformers 5.x causal LM
+(spec §1.4, §2), and compact the KV cache to the accepted path.
+
+A tree is given by ``parents``: node 0 is the root (the last committed token, not yet cached),
+and ``parents[i] < i`` for every other node. Node ``i`` sits at depth ``depth(i)`` and gets the
+position ``P + depth(i)``, where ``P`` is the number of cached tokens; it attends to the cached
+prefix, its ancestors and itself, through a 4D *additive float* mask in the model dtype (a bool
+mask is silently added by eager attention, so it is never used here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def depths(parents: Sequence[int]) -> list[int]:
+    """Depth of every node (the root, node 0, has depth 0)."""
+    out = [0] * len(parents)
+    for i in range(1, len(parents)):
+        if not 0 <= parents[i] < i:
+            raise ValueError(f"node {i} has parent {parents[i]}: parents must precede children")
+        out[i] = out[parents[i]] + 1
+    return out
+
+
+def ancestors_matrix(parents: Sequence[int]) -> torch.Tensor:
+    """``A[i, j]`` is True when node ``j`` is node ``i`` or one of its ancestors."""
+    n = len(parents)
+    visible = torch.eye(n, dtype=torch.bool)
+    for i in range(1, n):
+        visible[i] |= visible[parents[i]]
+    return visible
+
+
+def tree_attention_mask(parents: Sequence[int], prefix_length: int,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """The ``(1, 1, N, P + N)`` additive mask: 0 where a node may attend, ``finfo.min`` elsewhere."""
+    if not dtype.is_floating_point:
+        raise TypeError("tree masks are additive float masks, in the model's dtype")
+    n = len(parents)
+    visible = torch.cat([torch.ones(n, prefix_length, dtype=torch.bool),
+                         ancestors_matrix(parents)], dim=1)
+    mask = torch.zeros(n, prefix_length + n, dtype=dtype)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def tree_position_ids(parents: Sequence[int], prefix_length: int) -> torch.Tensor:
+    """``(1, N)`` positions ``P + depth``."""
+    return torch.tensor([[prefix_length + d for d in depths(parents)]], dtype=torch.long)
+
+
+@torch.inference_mode()
+def tree_forward(model, cache, tokens: Sequence[int], parents: Sequence[int]) -> torch.Tensor:
+    """Logits ``(N, vocab)`` of every tree node, appending the nodes to ``cache``.
+
+    ``tokens[i]`` is node ``i``'s token; ``cache`` holds the committed prefix (a transformers
+    ``DynamicCache``). Each node's logits equal those of decoding its path one token at a time.
+    """
+    if len(tokens) != len(parents):
+        raise ValueError("one parent per token")
+    prefix = cache.get_seq_length()
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+    out = model(input_ids=input_ids,
+                attention_mask=tree_attention_mask(parents, prefix, dtype).to(device),
+                position_ids=tree_position_ids(parents, prefix).to(device),
+                cache=cache, use_cache=True)
+    return out.logits[0]
+
+
+def compact_cache(cache, keep: torch.Tensor | Sequence[int]) -> None:
+    """Keep only the cache positions ``keep`` (in order) in every layer, in place.
+
+    After a tree pass over a prefix of ``P`` tokens, ``keep = [0..P) + [P + i for the root and
+    the accepted nodes]``; their RoPE positions already equal their final positions.
+    """
+    for layer in cache.layers:
+        index = torch.as_tensor(keep, dtype=torch.long, device=layer.keys.device)
+        layer.keys = layer.keys.index_select(-2, index)
+        layer.values = layer.values.index_select(-2, index)
+
+
+def accepted_keep(prefix_length: int, path: Sequence[int]) -> torch.Tensor:
+    """Cache positions to keep after accepting ``path`` (tree node indices, root first)."""
+    return torch.cat([torch.arange(prefix_length),
+                      torch.tensor([prefix_length + i for i in path], dtype=torch.long)])

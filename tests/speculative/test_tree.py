@@ -1,0 +1,89 @@
+import random
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from pertoken.models import tiny_llama
+from pertoken.speculative.tree import (accepted_keep, compact_cache, depths, tree_attention_mask,
+                                       tree_forward, tree_position_ids)
+
+
+def _model(attn):
+    model, _ = tiny_llama(seed=1, num_hidden_layers=3, hidden_size=64, intermediate_size=96)
+    model.set_attn_implementation(attn)
+    return model
+
+
+def _prefill(model, prefix):
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([prefix]), cache=cache, use_cache=True)
+    return cache
+
+
+def _path(parents, node):
+    path = [node]
+    while path[-1] != 0:
+        path.append(parents[path[-1]])
+    return path[::-1]
+
+
+def _random_tree(rng, n):
+    return [-1] + [rng.randrange(i) for i in range(1, n)]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tree_pass_logits_equal_sequential_decoding_of_each_path(attn, seed):
+    rng = random.Random(seed)
+    model = _model(attn)
+    prefix = [rng.randrange(4, 260) for _ in range(rng.randrange(1, 40))]
+    parents = _random_tree(rng, rng.randrange(2, 16))
+    tokens = [rng.randrange(4, 260) for _ in parents]
+    logits = tree_forward(model, _prefill(model, prefix), tokens, parents)
+    assert logits.shape == (len(parents), model.config.vocab_size)
+    for node in range(len(parents)):
+        path_tokens = [tokens[i] for i in _path(parents, node)]
+        cache = _prefill(model, prefix)
+        with torch.inference_mode():
+            for token in path_tokens:
+                step = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
+        assert torch.allclose(logits[node], step.logits[0, -1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_compacted_cache_continues_like_a_full_recompute(attn):
+    rng = random.Random(7)
+    model = _model(attn)
+    prefix = [rng.randrange(4, 260) for _ in range(20)]
+    parents = [-1, 0, 0, 1, 1, 3, 2, 6]
+    tokens = [rng.randrange(4, 260) for _ in parents]
+    cache = _prefill(model, prefix)
+    tree_forward(model, cache, tokens, parents)
+    accepted = _path(parents, 5)  # root, 1, 3, 5
+    compact_cache(cache, accepted_keep(len(prefix), accepted))
+    assert cache.get_seq_length() == len(prefix) + len(accepted)
+    bonus = 42
+    with torch.inference_mode():
+        step = model(input_ids=torch.tensor([[bonus]]), cache=cache, use_cache=True).logits[0, -1]
+        full = model(input_ids=torch.tensor([prefix + [tokens[i] for i in accepted] + [bonus]]))
+    assert torch.allclose(step, full.logits[0, -1], atol=1e-5, rtol=0)
+
+
+def test_mask_is_additive_float_and_bool_masks_are_refused():
+    mask = tree_attention_mask([-1, 0, 0, 1], prefix_length=2, dtype=torch.float32)
+    assert mask.shape == (1, 1, 4, 6) and mask.dtype == torch.float32
+    visible = mask[0, 0] == 0
+    assert visible[:, :2].all()  # everyone sees the prefix
+    assert visible[3, 2:].tolist() == [True, True, False, True]  # root, parent, not sibling, self
+    assert visible[2, 2:].tolist() == [True, False, True, False]
+    with pytest.raises(TypeError, match="additive float"):
+        tree_attention_mask([-1, 0], 0, torch.bool)
+
+
+def test_positions_follow_depth_and_parents_must_precede_children():
+    assert depths([-1, 0, 0, 1, 3]) == [0, 1, 1, 2, 3]
+    assert tree_position_ids([-1, 0, 0, 1], 5).tolist() == [[5, 6, 6, 7]]
+    with pytest.raises(ValueError, match="precede"):
+        depths([-1, 2, 0])
