@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pertoken-installed
 
-.PHONY: demo test test-fast bench venv
+.PHONY: demo test test-fast test-long bench venv
 
 venv: $(STAMP)
 
@@ -26,7 +26,10 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not long"
+
+test-long: $(STAMP)
+	$(PY) -m pytest -m long
 
 bench: $(STAMP)
 	@set -e; for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script; done

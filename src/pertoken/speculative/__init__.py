@@ -1,10 +1,19 @@
 """DySpec: lossless speculative decoding with a dynamic draft-token tree (arXiv 2410.11744).
 
-So far: the tree forward pass on stock transformers (:mod:`pertoken.speculative.tree`).
+So far:
+
+- :mod:`pertoken.speculative.tree`: verify a whole draft tree in one forward pass of a stock
+  transformers model (4D additive mask, depth positions) and compact the KV cache;
+- :mod:`pertoken.speculative.draft_tree`: grow the tree from draft probabilities, drawing
+  without replacement (heap construction, Alg. 1; layer-wise threshold, Alg. 2);
+- :mod:`pertoken.speculative.verify`: recursive rejection sampling and greedy verification.
 """
 
+from pertoken.speculative.draft_tree import heap_tree, race_order, threshold_tree
 from pertoken.speculative.tree import (accepted_keep, compact_cache, depths, tree_attention_mask,
                                        tree_forward, tree_position_ids)
+from pertoken.speculative.verify import DraftTree, verify_greedy, verify_sampling
 
-__all__ = ["accepted_keep", "compact_cache", "depths", "tree_attention_mask", "tree_forward",
-           "tree_position_ids"]
+__all__ = ["DraftTree", "accepted_keep", "compact_cache", "depths", "heap_tree", "race_order",
+           "threshold_tree", "tree_attention_mask", "tree_forward", "tree_position_ids",
+           "verify_greedy", "verify_sampling"]
