@@ -6,14 +6,16 @@ So far:
   transformers model (4D additive mask, depth positions) and compact the KV cache;
 - :mod:`pertoken.speculative.draft_tree`: grow the tree from draft probabilities, drawing
   without replacement (heap construction, Alg. 1; layer-wise threshold, Alg. 2);
-- :mod:`pertoken.speculative.verify`: recursive rejection sampling and greedy verification.
+- :mod:`pertoken.speculative.verify`: recursive rejection sampling and greedy verification;
+- :mod:`pertoken.speculative.generate`: the decoding loop for ``ar`` and ``dyspec``.
 """
 
+from pertoken.speculative.generate import GenerateOutput, generate, warp
 from pertoken.speculative.draft_tree import heap_tree, race_order, threshold_tree
 from pertoken.speculative.tree import (accepted_keep, compact_cache, depths, tree_attention_mask,
                                        tree_forward, tree_position_ids)
 from pertoken.speculative.verify import DraftTree, verify_greedy, verify_sampling
 
-__all__ = ["DraftTree", "accepted_keep", "compact_cache", "depths", "heap_tree", "race_order",
+__all__ = ["DraftTree", "GenerateOutput", "generate", "warp", "accepted_keep", "compact_cache", "depths", "heap_tree", "race_order",
            "threshold_tree", "tree_attention_mask", "tree_forward", "tree_position_ids",
            "verify_greedy", "verify_sampling"]

@@ -1,0 +1,142 @@
+"""The decoding loop: plain autoregressive decoding (``ar``, the reference) and DySpec
+(``dyspec``: a threshold draft tree verified in one target pass per step).
+
+Caches follow spec §1.4: ``P`` committed tokens are cached; the root (the last committed
+token) is not, and is query 0 of the next tree pass. After verification the target cache keeps
+the prefix, the root and the accepted nodes; the draft cache is cropped back to the prefix after
+every draft call and extended with the accepted tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from pertoken.errors import UserError
+from pertoken.speculative.draft_tree import threshold_tree
+from pertoken.speculative.tree import accepted_keep, compact_cache, tree_forward
+from pertoken.speculative.verify import verify_greedy, verify_sampling
+
+METHODS = ("ar", "dyspec")
+
+
+@dataclass
+class StepStats:
+    """One target call."""
+
+    tree_size: int
+    accepted: int
+    draft_seconds: float
+    target_seconds: float
+
+
+@dataclass
+class GenerateOutput:
+    tokens: list[int]
+    """the new tokens"""
+    steps: list[StepStats] = field(default_factory=list)
+
+    @property
+    def tokens_per_call(self) -> float:
+        return len(self.tokens) / max(len(self.steps), 1)
+
+
+def warp(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Target probabilities after temperature, top-k and top-p (rows of ``logits``)."""
+    logits = logits.double() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def _check(temperature, top_p, budget, target, draft):
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top-p must be in (0, 1], got {top_p}")
+    if budget < 1:
+        raise UserError(f"budget must be at least 1, got {budget}")
+    if draft is not None and draft.config.vocab_size != target.config.vocab_size:
+        raise UserError("the draft and the target have different vocabularies "
+                        f"({draft.config.vocab_size} vs {target.config.vocab_size})")
+
+
+@torch.inference_mode()
+def _prefill(model, ids: list[int]) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    if ids:
+        model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True)
+    return cache
+
+
+@torch.inference_mode()
+def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget: int = 8,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             max_new_tokens: int = 64, eos_token_id: int | list[int] | None = None,
+             draft_temperature: float = 0.6, seed: int = 0) -> GenerateOutput:
+    """Generate up to ``max_new_tokens`` after ``input_ids`` with ``method``.
+
+    Greedy when ``temperature == 0``; otherwise the output law is the target's after
+    temperature, top-k and top-p. The DySpec tree holds at most ``budget`` drafted tokens and
+    grows while a slot's draft path probability exceeds ``1 / (budget + 1)``.
+    """
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    _check(temperature, top_p, budget, target, draft if method != "ar" else None)
+    if not input_ids:
+        raise UserError("the prompt is empty")
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    verify_gen = torch.Generator().manual_seed(seed)
+    draft_gen = torch.Generator().manual_seed(seed + 1)
+    out = GenerateOutput(tokens=[])
+    prefix = list(input_ids[:-1])
+    root = input_ids[-1]
+    target_cache = _prefill(target, prefix)
+    draft_cache = _prefill(draft, prefix) if method != "ar" else None
+
+    while len(out.tokens) < max_new_tokens:
+        p = target_cache.get_seq_length()
+        start = time.perf_counter()
+        if method == "ar":
+            from pertoken.speculative.verify import DraftTree
+
+            tree = DraftTree.root(root)
+        else:
+            def draft_fn(tree, nodes):
+                logits = tree_forward(draft, draft_cache, tree.tokens, tree.parents)
+                draft_cache.crop(-(draft_cache.get_seq_length() - p))
+                return torch.softmax(logits[list(nodes)].double() / draft_temperature, -1)
+
+            tree = threshold_tree(root, draft_fn, threshold=1.0 / (budget + 1), budget=budget,
+                                  eos_ids=tuple(eos), generator=draft_gen)
+        draft_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        logits = tree_forward(target, target_cache, tree.tokens, tree.parents)
+        if temperature == 0:
+            accepted, token = verify_greedy(tree, logits)
+        else:
+            accepted, token = verify_sampling(tree, warp(logits, temperature, top_k, top_p),
+                                              verify_gen)
+        target_seconds = time.perf_counter() - start
+        compact_cache(target_cache, accepted_keep(p, [0] + accepted))
+        new = [tree.tokens[i] for i in accepted] + [token]
+        out.steps.append(StepStats(len(tree) - 1, len(accepted), draft_seconds, target_seconds))
+        if draft_cache is not None:
+            draft(input_ids=torch.tensor([[root] + new[:-1]]), cache=draft_cache, use_cache=True)
+        for t in new:
+            out.tokens.append(t)
+            if t in eos or len(out.tokens) >= max_new_tokens:
+                return out
+        root = token
+    return out

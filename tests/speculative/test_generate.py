@@ -1,0 +1,87 @@
+import random
+
+import pytest
+import torch
+
+from pertoken.errors import UserError
+from pertoken.models import tiny_llama
+from pertoken.speculative.generate import generate, warp
+
+
+@pytest.fixture(scope="module")
+def models():
+    target, _ = tiny_llama(seed=5, num_hidden_layers=2, hidden_size=64, intermediate_size=128)
+    other, _ = tiny_llama(seed=6, num_hidden_layers=1, hidden_size=32, intermediate_size=64)
+    return target, other
+
+
+def _hf_greedy(model, prompt, n, eos):
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                             eos_token_id=eos, pad_token_id=0, attention_mask=torch.ones(1, len(prompt),
+                                                                                          dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("draft_kind", ["same", "other"])
+def test_greedy_dyspec_is_token_identical_to_plain_and_hf_greedy(models, draft_kind):
+    target, other = models
+    draft = target if draft_kind == "same" else other
+    rng = random.Random(0)
+    checked = 0
+    for trial in range(6):
+        prompt = [rng.randrange(4, 260) for _ in range(rng.randrange(1, 12))]
+        n = rng.choice([1, 7, 20])
+        plain = generate(target, None, prompt, method="ar", max_new_tokens=n).tokens
+        assert plain == _hf_greedy(target, prompt, n, None)
+        for budget in (1, 4, 16):
+            ours = generate(target, draft, prompt, method="dyspec", budget=budget,
+                            max_new_tokens=n, seed=trial)
+            assert ours.tokens == plain, (prompt, budget)
+            checked += 1
+        # an EOS that greedy decoding reaches, so it falls inside some tree
+        if len(plain) > 3:
+            eos = plain[3]
+            stop = plain.index(eos) + 1
+            for budget in (4, 16):
+                ours = generate(target, draft, prompt, method="dyspec", budget=budget,
+                                max_new_tokens=n, eos_token_id=eos, seed=trial)
+                assert ours.tokens == plain[:stop] == _hf_greedy(target, prompt, n, eos)
+    assert checked == 18
+
+
+def test_a_draft_equal_to_the_target_gets_several_tokens_per_call():
+    target, _ = tiny_llama(seed=5, num_hidden_layers=2, hidden_size=64, intermediate_size=128)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(8)  # peaked next-token distributions, as a trained LM has
+    out = generate(target, target, [10, 20, 30], budget=16, max_new_tokens=40)
+    assert out.tokens == generate(target, None, [10, 20, 30], method="ar", max_new_tokens=40).tokens
+    assert out.tokens_per_call > 2
+    assert all(s.tree_size <= 16 for s in out.steps)
+
+
+def test_sampling_runs_and_respects_top_k(models):
+    target, other = models
+    out = generate(target, other, [10, 20], temperature=1.0, top_k=1, budget=4, max_new_tokens=12)
+    greedy = generate(target, None, [10, 20], method="ar", max_new_tokens=12).tokens
+    assert out.tokens == greedy  # top-k = 1 leaves only the argmax
+
+
+def test_warp_top_p_keeps_the_smallest_set_reaching_p():
+    probs = warp(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), 1.0, top_p=0.7)
+    assert torch.allclose(probs, torch.tensor([[0.625, 0.375, 0, 0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kwargs,needle", [({"budget": 0}, "budget"), ({"temperature": -1.0}, "temperature"),
+                                           ({"top_p": 0.0}, "top-p"), ({"top_p": 1.5}, "top-p")])
+def test_bad_settings_are_user_errors(models, kwargs, needle):
+    target, other = models
+    with pytest.raises(UserError, match=needle):
+        generate(target, other, [1, 2], **kwargs)
+
+
+def test_different_vocabularies_are_a_user_error(models):
+    target, _ = models
+    small, _ = tiny_llama(seed=1, vocab_size=300)
+    with pytest.raises(UserError, match="vocabularies"):
+        generate(target, small, [1, 2])
