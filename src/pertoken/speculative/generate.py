@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from pertoken.errors import UserError
 from pertoken.speculative.draft_tree import threshold_tree
 from pertoken.speculative.tree import accepted_keep, compact_cache, tree_forward
-from pertoken.speculative.verify import verify_greedy, verify_sampling
+from pertoken.speculative.verify import DraftTree, verify_greedy, verify_sampling
 
 METHODS = ("ar", "dyspec")
 
@@ -109,8 +109,6 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
         p = target_cache.get_seq_length()
         start = time.perf_counter()
         if method == "ar":
-            from pertoken.speculative.verify import DraftTree
-
             tree = DraftTree.root(root)
         else:
             def draft_fn(tree, nodes):
