@@ -121,3 +121,12 @@ def test_greedy_verification_follows_the_argmax():
     logits[0, 2] = 1  # root -> 2 (accepted)
     logits[1, 5] = 1  # after 2 the target wants 5, not the drafted 4
     assert verify_greedy(tree, logits) == ([1], 5)
+
+
+def _chain(length=3):
+    return lambda fn, g: draft_tree.chain_tree(0, fn, length, generator=g)
+
+
+def test_chain_speculative_sampling_matches_the_target_law_quick():
+    p, chi2 = _p_value(*_sample_pairs(20_000, _chain()))
+    assert p > 1e-3, chi2

@@ -23,8 +23,9 @@ def _hf_greedy(model, prompt, n, eos):
     return out[0, len(prompt):].tolist()
 
 
+@pytest.mark.parametrize("method", ["dyspec", "chain"])
 @pytest.mark.parametrize("draft_kind", ["same", "other"])
-def test_greedy_dyspec_is_token_identical_to_plain_and_hf_greedy(models, draft_kind):
+def test_greedy_speculation_is_token_identical_to_plain_and_hf_greedy(models, draft_kind, method):
     target, other = models
     draft = target if draft_kind == "same" else other
     rng = random.Random(0)
@@ -35,7 +36,7 @@ def test_greedy_dyspec_is_token_identical_to_plain_and_hf_greedy(models, draft_k
         plain = generate(target, None, prompt, method="ar", max_new_tokens=n).tokens
         assert plain == _hf_greedy(target, prompt, n, None)
         for budget in (1, 4, 16):
-            ours = generate(target, draft, prompt, method="dyspec", budget=budget,
+            ours = generate(target, draft, prompt, method=method, budget=budget,
                             max_new_tokens=n, seed=trial)
             assert ours.tokens == plain, (prompt, budget)
             checked += 1
@@ -44,7 +45,7 @@ def test_greedy_dyspec_is_token_identical_to_plain_and_hf_greedy(models, draft_k
             eos = plain[3]
             stop = plain.index(eos) + 1
             for budget in (4, 16):
-                ours = generate(target, draft, prompt, method="dyspec", budget=budget,
+                ours = generate(target, draft, prompt, method=method, budget=budget,
                                 max_new_tokens=n, eos_token_id=eos, seed=trial)
                 assert ours.tokens == plain[:stop] == _hf_greedy(target, prompt, n, eos)
     assert checked == 18
@@ -55,6 +56,8 @@ def test_a_draft_equal_to_the_target_gets_several_tokens_per_call():
     with torch.no_grad():
         target.lm_head.weight.mul_(8)  # peaked next-token distributions, as a trained LM has
     out = generate(target, target, [10, 20, 30], budget=16, max_new_tokens=40)
+    chain = generate(target, target, [10, 20, 30], method="chain", budget=8, max_new_tokens=40)
+    assert chain.tokens_per_call > 2 and chain.tokens == out.tokens
     assert out.tokens == generate(target, None, [10, 20, 30], method="ar", max_new_tokens=40).tokens
     assert out.tokens_per_call > 2
     assert all(s.tree_size <= 16 for s in out.steps)

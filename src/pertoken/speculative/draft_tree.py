@@ -113,6 +113,22 @@ def heap_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequence
     return tree
 
 
+def chain_tree(root_token: int, draft_fn: DraftFn, length: int, eos_ids: Sequence[int] = (),
+               generator: torch.Generator | None = None) -> DraftTree:
+    """Classic speculative sampling: ``length`` tokens drawn one after another from the draft
+    (a tree with one child per node)."""
+    tree = DraftTree.root(root_token)
+    node = 0
+    for _ in range(length):
+        dist = draft_fn(tree, [node])[0]
+        tree.draft_probs[node] = dist
+        y = int(torch.multinomial(dist.double(), 1, generator=generator))
+        node = tree.add(node, y)
+        if y in eos_ids:
+            break
+    return tree
+
+
 def _drop_unused_draft_probs(tree: DraftTree) -> None:
     for node in [n for n in tree.draft_probs if not tree.children[n]]:
         del tree.draft_probs[node]

@@ -1,5 +1,6 @@
-"""The decoding loop: plain autoregressive decoding (``ar``, the reference) and DySpec
-(``dyspec``: a threshold draft tree verified in one target pass per step).
+"""The decoding loop: plain autoregressive decoding (``ar``, the reference), classic speculative
+sampling (``chain``: ``budget`` tokens drafted one after another) and DySpec (``dyspec``: a
+threshold draft tree), each verified in one target pass per step.
 
 Caches follow spec §1.4: ``P`` committed tokens are cached; the root (the last committed
 token) is not, and is query 0 of the next tree pass. After verification the target cache keeps
@@ -16,11 +17,11 @@ import torch
 from transformers import DynamicCache
 
 from pertoken.errors import UserError
-from pertoken.speculative.draft_tree import threshold_tree
+from pertoken.speculative.draft_tree import chain_tree, threshold_tree
 from pertoken.speculative.tree import accepted_keep, compact_cache, tree_forward
 from pertoken.speculative.verify import DraftTree, verify_greedy, verify_sampling
 
-METHODS = ("ar", "dyspec")
+METHODS = ("ar", "chain", "dyspec")
 
 
 @dataclass
@@ -116,8 +117,11 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
                 draft_cache.crop(-(draft_cache.get_seq_length() - p))
                 return torch.softmax(logits[list(nodes)].double() / draft_temperature, -1)
 
-            tree = threshold_tree(root, draft_fn, threshold=1.0 / (budget + 1), budget=budget,
-                                  eos_ids=tuple(eos), generator=draft_gen)
+            if method == "chain":
+                tree = chain_tree(root, draft_fn, budget, eos_ids=tuple(eos), generator=draft_gen)
+            else:
+                tree = threshold_tree(root, draft_fn, threshold=1.0 / (budget + 1),
+                                      budget=budget, eos_ids=tuple(eos), generator=draft_gen)
         draft_seconds = time.perf_counter() - start
         start = time.perf_counter()
         logits = tree_forward(target, target_cache, tree.tokens, tree.parents)
