@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pertoken.superbpe.cli import add_commands as add_superbpe
 
     add_superbpe(commands, _Parser, _positive_int)
+    from pertoken.speculative.cli import add_commands as add_speculative
+
+    add_speculative(commands, _Parser, _positive_int)
 
     p = commands.add_parser("demo", help="run every method at a small setting and build the report")
     p.add_argument("--model", default=DEFAULT_MODEL)

@@ -88,3 +88,34 @@ def test_different_vocabularies_are_a_user_error(models):
     small, _ = tiny_llama(seed=1, vocab_size=300)
     with pytest.raises(UserError, match="vocabularies"):
         generate(target, small, [1, 2])
+
+
+def test_streaming_callback_sees_exactly_the_output(models):
+    target, other = models
+    seen = []
+    out = generate(target, other, [3, 4, 5], budget=4, max_new_tokens=9, on_tokens=seen.extend)
+    assert seen == out.tokens and len(out.tokens) == 9
+
+
+def test_cli_generate_streams_text_and_rejects_bad_settings(tmp_path, models, capsys):
+    import subprocess
+    import sys
+
+    from pertoken.cli import main
+    from pertoken.models import tiny_byte_tokenizer
+
+    target, other = models
+    tok = tiny_byte_tokenizer()
+    for name, model in (("target", target), ("draft", other)):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    args = ["speculative", "generate", "--model", str(tmp_path / "target"), "--draft",
+            str(tmp_path / "draft"), "--prompt", "hello", "--max-new-tokens", "12"]
+    assert main(args) == 0
+    assert len(capsys.readouterr().out) > 0
+    for bad, needle in ((["--budget", "0"], "budget"), (["--temperature", "-1"], "temperature"),
+                        (["--top-p", "2"], "top-p")):
+        done = subprocess.run([sys.executable, "-m", "pertoken", *args, *bad], capture_output=True,
+                              text=True)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], done.stderr

@@ -61,13 +61,18 @@ def warp(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float 
     return probs
 
 
-def _check(temperature, top_p, budget, target, draft):
+def check_settings(temperature: float, top_p: float, budget: int) -> None:
+    """Raise :class:`UserError` for settings no method accepts."""
     if temperature < 0:
         raise UserError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise UserError(f"top-p must be in (0, 1], got {top_p}")
     if budget < 1:
         raise UserError(f"budget must be at least 1, got {budget}")
+
+
+def _check(temperature, top_p, budget, target, draft):
+    check_settings(temperature, top_p, budget)
     if draft is not None and draft.config.vocab_size != target.config.vocab_size:
         raise UserError("the draft and the target have different vocabularies "
                         f"({draft.config.vocab_size} vs {target.config.vocab_size})")
@@ -85,12 +90,14 @@ def _prefill(model, ids: list[int]) -> DynamicCache:
 def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget: int = 8,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              max_new_tokens: int = 64, eos_token_id: int | list[int] | None = None,
-             draft_temperature: float = 0.6, seed: int = 0) -> GenerateOutput:
+             draft_temperature: float = 0.6, seed: int = 0,
+             on_tokens=None) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` after ``input_ids`` with ``method``.
 
     Greedy when ``temperature == 0``; otherwise the output law is the target's after
     temperature, top-k and top-p. The DySpec tree holds at most ``budget`` drafted tokens and
-    grows while a slot's draft path probability exceeds ``1 / (budget + 1)``.
+    grows while a slot's draft path probability exceeds ``1 / (budget + 1)``. ``on_tokens``,
+    if given, is called with the list of tokens each step emits (for streaming).
     """
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -136,9 +143,15 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
         out.steps.append(StepStats(len(tree) - 1, len(accepted), draft_seconds, target_seconds))
         if draft_cache is not None:
             draft(input_ids=torch.tensor([[root] + new[:-1]]), cache=draft_cache, use_cache=True)
+        emitted = []
         for t in new:
-            out.tokens.append(t)
-            if t in eos or len(out.tokens) >= max_new_tokens:
-                return out
+            emitted.append(t)
+            if t in eos or len(out.tokens) + len(emitted) >= max_new_tokens:
+                break
+        out.tokens.extend(emitted)
+        if on_tokens is not None:
+            on_tokens(emitted)
+        if len(emitted) < len(new) or emitted[-1] in eos or len(out.tokens) >= max_new_tokens:
+            return out
         root = token
     return out
