@@ -23,7 +23,7 @@ def _hf_greedy(model, prompt, n, eos):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("method", ["dyspec", "chain"])
+@pytest.mark.parametrize("method", ["dyspec", "dyspec-heap", "chain"])
 @pytest.mark.parametrize("draft_kind", ["same", "other"])
 def test_greedy_speculation_is_token_identical_to_plain_and_hf_greedy(models, draft_kind, method):
     target, other = models
@@ -56,8 +56,9 @@ def test_a_draft_equal_to_the_target_gets_several_tokens_per_call():
     with torch.no_grad():
         target.lm_head.weight.mul_(8)  # peaked next-token distributions, as a trained LM has
     out = generate(target, target, [10, 20, 30], budget=16, max_new_tokens=40)
-    chain = generate(target, target, [10, 20, 30], method="chain", budget=8, max_new_tokens=40)
-    assert chain.tokens_per_call > 2 and chain.tokens == out.tokens
+    for method in ("chain", "dyspec-heap"):
+        other = generate(target, target, [10, 20, 30], method=method, budget=8, max_new_tokens=40)
+        assert other.tokens_per_call > 2 and other.tokens == out.tokens
     assert out.tokens == generate(target, None, [10, 20, 30], method="ar", max_new_tokens=40).tokens
     assert out.tokens_per_call > 2
     assert all(s.tree_size <= 16 for s in out.steps)

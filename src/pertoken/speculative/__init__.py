@@ -8,7 +8,7 @@ So far:
   without replacement (heap construction, Alg. 1; layer-wise threshold, Alg. 2), or a
   chain for classic speculative sampling;
 - :mod:`pertoken.speculative.verify`: recursive rejection sampling and greedy verification;
-- :mod:`pertoken.speculative.generate`: the decoding loop for ``ar``, ``chain`` and ``dyspec``.
+- :mod:`pertoken.speculative.generate`: the decoding loop for ``ar``, ``chain``, ``dyspec`` and ``dyspec-heap``.
 """
 
 from pertoken.speculative.generate import GenerateOutput, generate, warp

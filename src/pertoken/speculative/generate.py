@@ -1,6 +1,7 @@
 """The decoding loop: plain autoregressive decoding (``ar``, the reference), classic speculative
 sampling (``chain``: ``budget`` tokens drafted one after another) and DySpec (``dyspec``: a
-threshold draft tree), each verified in one target pass per step.
+threshold draft tree with one draft call per layer; ``dyspec-heap``: the heap construction with
+one draft call per expanded node), each verified in one target pass per step.
 
 Caches follow spec §1.4: ``P`` committed tokens are cached; the root (the last committed
 token) is not, and is query 0 of the next tree pass. After verification the target cache keeps
@@ -17,11 +18,11 @@ import torch
 from transformers import DynamicCache
 
 from pertoken.errors import UserError
-from pertoken.speculative.draft_tree import chain_tree, threshold_tree
+from pertoken.speculative.draft_tree import chain_tree, heap_tree, threshold_tree
 from pertoken.speculative.tree import accepted_keep, compact_cache, tree_forward
 from pertoken.speculative.verify import DraftTree, verify_greedy, verify_sampling
 
-METHODS = ("ar", "chain", "dyspec")
+METHODS = ("ar", "chain", "dyspec", "dyspec-heap")
 
 
 @dataclass
@@ -126,6 +127,8 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
 
             if method == "chain":
                 tree = chain_tree(root, draft_fn, budget, eos_ids=tuple(eos), generator=draft_gen)
+            elif method == "dyspec-heap":
+                tree = heap_tree(root, draft_fn, budget, eos_ids=tuple(eos), generator=draft_gen)
             else:
                 tree = threshold_tree(root, draft_fn, threshold=1.0 / (budget + 1),
                                       budget=budget, eos_ids=tuple(eos), generator=draft_gen)
