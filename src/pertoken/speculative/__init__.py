@@ -11,12 +11,31 @@ So far:
 - :mod:`pertoken.speculative.generate`: the decoding loop for ``ar``, ``chain``, ``dyspec`` and ``dyspec-heap``.
 """
 
-from pertoken.speculative.generate import GenerateOutput, generate, warp
-from pertoken.speculative.draft_tree import chain_tree, heap_tree, race_order, threshold_tree
-from pertoken.speculative.tree import (accepted_keep, compact_cache, depths, tree_attention_mask,
-                                       tree_forward, tree_position_ids)
-from pertoken.speculative.verify import DraftTree, verify_greedy, verify_sampling
+import importlib
 
-__all__ = ["DraftTree", "GenerateOutput", "generate", "warp", "accepted_keep", "chain_tree", "compact_cache", "depths", "heap_tree", "race_order",
-           "threshold_tree", "tree_attention_mask", "tree_forward", "tree_position_ids",
-           "verify_greedy", "verify_sampling"]
+# Exports load on first use (PEP 562), so that importing the CLI stays light.
+_EXPORTS = {
+    "DraftTree": "pertoken.speculative.verify",
+    "GenerateOutput": "pertoken.speculative.generate",
+    "accepted_keep": "pertoken.speculative.tree",
+    "chain_tree": "pertoken.speculative.draft_tree",
+    "compact_cache": "pertoken.speculative.tree",
+    "depths": "pertoken.speculative.tree",
+    "generate": "pertoken.speculative.generate",
+    "heap_tree": "pertoken.speculative.draft_tree",
+    "race_order": "pertoken.speculative.draft_tree",
+    "threshold_tree": "pertoken.speculative.draft_tree",
+    "tree_attention_mask": "pertoken.speculative.tree",
+    "tree_forward": "pertoken.speculative.tree",
+    "tree_position_ids": "pertoken.speculative.tree",
+    "verify_greedy": "pertoken.speculative.verify",
+    "verify_sampling": "pertoken.speculative.verify",
+    "warp": "pertoken.speculative.generate",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

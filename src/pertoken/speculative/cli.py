@@ -55,7 +55,7 @@ def _generate(args) -> int:
 def add_commands(commands, parser_class, positive_int) -> None:
     """Add ``speculative generate`` to the top-level subparsers."""
     from pertoken.models import DEFAULT_MODEL
-    from pertoken.speculative.generate import METHODS
+    from pertoken.speculative.methods import METHODS
 
     group = commands.add_parser("speculative", help="lossless speculative decoding (DySpec)")
     verbs = group.add_subparsers(dest="verb", required=True, parser_class=parser_class)

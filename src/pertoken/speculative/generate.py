@@ -19,10 +19,10 @@ from transformers import DynamicCache
 
 from pertoken.errors import UserError
 from pertoken.speculative.draft_tree import chain_tree, heap_tree, threshold_tree
+from pertoken.speculative.methods import METHODS
 from pertoken.speculative.tree import accepted_keep, compact_cache, tree_forward
 from pertoken.speculative.verify import DraftTree, verify_greedy, verify_sampling
 
-METHODS = ("ar", "chain", "dyspec", "dyspec-heap")
 
 
 @dataclass

@@ -10,12 +10,25 @@ digit groups split off, so tokens can bridge spaces ("ĠbyĠtheĠway").
 - :func:`score_tokenizers`: bytes per token, relative tokens, superwords, encode speed.
 """
 
-from pertoken.superbpe.evaluate import load_any_tokenizer, score_tokenizers
-from pertoken.superbpe.extend import extend_merges
-from pertoken.superbpe.pretokenizers import pre_tokenizer, word_count
-from pertoken.superbpe.release import load_released, paper_transition_to_merges
-from pertoken.superbpe.trainer import SuperBPEConfig, save_tokenizer, train_superbpe
+import importlib
 
-__all__ = ["SuperBPEConfig", "extend_merges", "load_any_tokenizer", "load_released",
-           "paper_transition_to_merges", "pre_tokenizer", "save_tokenizer", "score_tokenizers",
-           "train_superbpe", "word_count"]
+# Exports load on first use (PEP 562), so that importing the CLI stays light.
+_EXPORTS = {
+    "SuperBPEConfig": "pertoken.superbpe.trainer",
+    "extend_merges": "pertoken.superbpe.extend",
+    "load_any_tokenizer": "pertoken.superbpe.evaluate",
+    "load_released": "pertoken.superbpe.release",
+    "paper_transition_to_merges": "pertoken.superbpe.release",
+    "pre_tokenizer": "pertoken.superbpe.pretokenizers",
+    "save_tokenizer": "pertoken.superbpe.trainer",
+    "score_tokenizers": "pertoken.superbpe.evaluate",
+    "train_superbpe": "pertoken.superbpe.trainer",
+    "word_count": "pertoken.superbpe.pretokenizers",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

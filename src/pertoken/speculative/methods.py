@@ -1,0 +1,3 @@
+"""The decoding methods (a module of its own so that the CLI can list them without torch)."""
+
+METHODS = ("ar", "chain", "dyspec", "dyspec-heap")
