@@ -52,7 +52,13 @@ def _threshold(budget=6):
     return lambda fn, g: threshold_tree(0, fn, threshold=0.02, budget=budget, generator=g)
 
 
-@pytest.mark.parametrize("build", [_heap(), _threshold()], ids=["heap", "threshold"])
+def _static(acceptance=(0.5, 0.2, 0.1), budget=6):
+    shape = draft_tree.static_shape(acceptance, budget)
+    return lambda fn, g: draft_tree.static_tree(0, fn, shape, generator=g)
+
+
+@pytest.mark.parametrize("build", [_heap(), _threshold(), _static()],
+                         ids=["heap", "threshold", "static"])
 def test_tree_speculative_sampling_matches_the_target_law_quick(build):
     p, chi2 = _p_value(*_sample_pairs(20_000, build))
     assert p > 1e-3, chi2
@@ -76,7 +82,8 @@ def test_pruning_drafted_tokens_by_identity_is_caught():
 
 
 @pytest.mark.long
-@pytest.mark.parametrize("build", [_heap(), _threshold()], ids=["heap", "threshold"])
+@pytest.mark.parametrize("build", [_heap(), _threshold(), _static()],
+                         ids=["heap", "threshold", "static"])
 def test_tree_speculative_sampling_matches_the_target_law_400k(build):
     p, chi2 = _p_value(*_sample_pairs(400_000, build, seed=11))
     assert p > 1e-3, chi2

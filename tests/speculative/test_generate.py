@@ -23,7 +23,7 @@ def _hf_greedy(model, prompt, n, eos):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("method", ["dyspec", "dyspec-heap", "chain"])
+@pytest.mark.parametrize("method", ["dyspec", "dyspec-heap", "chain", "tree"])
 @pytest.mark.parametrize("draft_kind", ["same", "other"])
 def test_greedy_speculation_is_token_identical_to_plain_and_hf_greedy(models, draft_kind, method):
     target, other = models
@@ -56,7 +56,7 @@ def test_a_draft_equal_to_the_target_gets_several_tokens_per_call():
     with torch.no_grad():
         target.lm_head.weight.mul_(8)  # peaked next-token distributions, as a trained LM has
     out = generate(target, target, [10, 20, 30], budget=16, max_new_tokens=40)
-    for method in ("chain", "dyspec-heap"):
+    for method in ("chain", "dyspec-heap", "tree"):
         other = generate(target, target, [10, 20, 30], method=method, budget=8, max_new_tokens=40)
         assert other.tokens_per_call > 2 and other.tokens == out.tokens
     assert out.tokens == generate(target, None, [10, 20, 30], method="ar", max_new_tokens=40).tokens

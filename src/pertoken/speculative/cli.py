@@ -52,6 +52,46 @@ def _generate(args) -> int:
     return 0
 
 
+def _train_draft(args) -> int:
+    import torch
+
+    from pertoken.data import open_corpus
+    from pertoken.models import load_model, resolve
+    from pertoken.speculative.draft_train import DraftTrainConfig, decode_seconds, train_draft
+
+    cfg = DraftTrainConfig(hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+                           num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                           intermediate_size=args.intermediate_size, seq_len=args.seq_len,
+                           batch_size=args.batch_size, train_tokens=args.train_tokens,
+                           lr=args.lr, top_k=args.top_k, checkpoint_every=args.checkpoint_every,
+                           seed=args.seed)
+    cfg.validate()
+    resolve(args.target)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    corpus = open_corpus(args.corpus, text_field=args.text_field)
+    target, tokenizer = load_model(args.target, dtype=args.teacher_dtype)
+    info = train_draft(target, tokenizer, corpus.documents("train"), args.output, cfg,
+                       resume=args.resume, target_name=args.target)
+    # the cost ratio, measured in float32 with the draft just written
+    draft = load_model(args.output)[0]
+    target = target.float()
+    t_target, t_draft = decode_seconds(target), decode_seconds(draft)
+    info["cost"] = {"target_decode_ms": 1000 * t_target, "draft_decode_ms": 1000 * t_draft,
+                    "ratio": t_draft / t_target, "threads": torch.get_num_threads(),
+                    "dtype": "float32",
+                    "draft_parameters": sum(p.numel() for p in draft.parameters())}
+    from pertoken.atomic import write_json_atomic
+
+    write_json_atomic(f"{args.output}/pertoken-draft.json", info)
+    last = info["history"][-1]
+    print(f"draft written to {args.output}: {info['step']} steps, loss {last['loss']:.3f}, "
+          f"top-1 agreement {last['top1_agreement']:.3f}; one decode step "
+          f"{1000 * t_draft:.1f} ms vs target {1000 * t_target:.1f} ms "
+          f"({t_draft / t_target:.3f}x)")
+    return 0
+
+
 def add_commands(commands, parser_class, positive_int) -> None:
     """Add ``speculative generate`` to the top-level subparsers."""
     from pertoken.models import DEFAULT_MODEL
@@ -73,3 +113,25 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None)
     p.set_defaults(func=_generate)
+
+    p = verbs.add_parser("train-draft", help="distil a small draft model for a target")
+    p.add_argument("--target", default=DEFAULT_MODEL, help="the target model")
+    p.add_argument("--corpus", default="docs-en", help="training text (train split)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("-o", "--output", required=True, help="folder for the draft")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--hidden-size", type=positive_int, default=128)
+    p.add_argument("--layers", type=positive_int, default=2)
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--kv-heads", type=positive_int, default=2)
+    p.add_argument("--intermediate-size", type=positive_int, default=384)
+    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--train-tokens", type=positive_int, default=3_000_000)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--top-k", type=positive_int, default=64, help="teacher tokens distilled")
+    p.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps")
+    p.add_argument("--teacher-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.set_defaults(func=_train_draft)

@@ -22,16 +22,23 @@ import torch
 from pertoken.speculative.verify import DraftTree
 
 
-def race_order(probs: torch.Tensor, generator: torch.Generator | None = None) -> list[int]:
+def race_order(probs: torch.Tensor, generator: torch.Generator | None = None,
+               limit: int | None = None, deterministic: bool = False) -> list[int]:
     """A without-replacement sampling order of the tokens with positive probability.
 
     ``argsort(log(U) / p)`` descending (an exponential race) has the law of drawing one token at
-    a time from the renormalised remainder.
+    a time from the renormalised remainder. Only the first ``limit`` tokens of the order are
+    returned (a partial sort: their law is the same). ``deterministic=True`` orders by
+    probability instead, for greedy decoding, whose exactness does not depend on the drafts.
     """
     support = torch.nonzero(probs > 0).flatten()
-    u = torch.rand(support.numel(), generator=generator, dtype=torch.float64)
-    keys = torch.log(u) / probs[support].double()
-    return support[torch.argsort(keys, descending=True)].tolist()
+    k = support.numel() if limit is None else min(limit, support.numel())
+    if deterministic:
+        keys = probs[support].double()
+    else:
+        u = torch.rand(support.numel(), generator=generator, dtype=torch.float64)
+        keys = torch.log(u) / probs[support].double()
+    return support[torch.topk(keys, k).indices].tolist()
 
 
 DraftFn = Callable[[DraftTree, Sequence[int]], torch.Tensor]
@@ -40,7 +47,8 @@ DraftFn = Callable[[DraftTree, Sequence[int]], torch.Tensor]
 
 def threshold_tree(root_token: int, draft_fn: DraftFn, threshold: float, budget: int,
                    max_depth: int = 32, eos_ids: Sequence[int] = (),
-                   generator: torch.Generator | None = None) -> DraftTree:
+                   generator: torch.Generator | None = None,
+                   deterministic: bool = False) -> DraftTree:
     """Alg. 2: grow layer by layer while slot values exceed ``threshold``, up to ``budget``
     drafted nodes (the root not counted)."""
     tree = DraftTree.root(root_token)
@@ -55,7 +63,7 @@ def threshold_tree(root_token: int, draft_fn: DraftFn, threshold: float, budget:
             tree.draft_probs[node] = dist
             value = values[node]
             current = dist.double()
-            for y in race_order(dist, generator):
+            for y in race_order(dist, generator, budget, deterministic):
                 if value <= threshold or len(tree) - 1 >= budget:
                     break
                 share = float(current[y])
@@ -76,7 +84,8 @@ def threshold_tree(root_token: int, draft_fn: DraftFn, threshold: float, budget:
 
 
 def heap_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequence[int] = (),
-              generator: torch.Generator | None = None) -> DraftTree:
+              generator: torch.Generator | None = None,
+              deterministic: bool = False) -> DraftTree:
     """Alg. 1: always draw from the pending slot of highest value, up to ``budget`` nodes.
 
     A node's draft distribution is computed (one draft call) when its first slot is drawn.
@@ -92,7 +101,7 @@ def heap_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequence
         if node not in orders:
             dist = draft_fn(tree, [node])[0]
             tree.draft_probs[node] = dist
-            orders[node] = race_order(dist, generator)
+            orders[node] = race_order(dist, generator, budget, deterministic)
             current[node] = dist.double()
         if not orders[node]:
             continue
@@ -114,7 +123,8 @@ def heap_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequence
 
 
 def chain_tree(root_token: int, draft_fn: DraftFn, length: int, eos_ids: Sequence[int] = (),
-               generator: torch.Generator | None = None) -> DraftTree:
+               generator: torch.Generator | None = None,
+               deterministic: bool = False) -> DraftTree:
     """Classic speculative sampling: ``length`` tokens drawn one after another from the draft
     (a tree with one child per node)."""
     tree = DraftTree.root(root_token)
@@ -122,10 +132,94 @@ def chain_tree(root_token: int, draft_fn: DraftFn, length: int, eos_ids: Sequenc
     for _ in range(length):
         dist = draft_fn(tree, [node])[0]
         tree.draft_probs[node] = dist
-        y = int(torch.multinomial(dist.double(), 1, generator=generator))
+        if deterministic:
+            y = int(dist.argmax())
+        else:
+            y = int(torch.multinomial(dist.double(), 1, generator=generator))
         node = tree.add(node, y)
         if y in eos_ids:
             break
+    return tree
+
+
+def static_shape(acceptance: Sequence[float], budget: int, max_depth: int = 16) -> list[int]:
+    """Sequoia's tree for ``budget`` drafted nodes: the parents list (node 0 the root).
+
+    ``acceptance[r]`` is the measured probability that the draft's ``r``-th sample (without
+    replacement) at a node is the one the target accepts. A node reached through child ranks
+    ``r1..rd`` is used with probability ``prod acceptance[ri]`` (Sequoia's model), and the
+    expected accepted length is the sum of that score over the tree. Because a child never
+    scores above its parent, nor a later sibling above an earlier one once ``acceptance`` is
+    sorted, the ``budget`` best-scoring positions form a connected tree and best-first
+    expansion finds the maximum that Sequoia's dynamic programme computes (without the depth
+    bound below ``max_depth``). Children are listed in rank order and nodes layer by layer.
+    """
+    acc = sorted((float(a) for a in acceptance if a > 0), reverse=True)
+    if not acc:
+        raise ValueError("the acceptance vector has no positive entry")
+    # pending slots: (-score, counter, parent slot id, rank); slot 0 is the root
+    heap = [(-acc[0], 1, 0, 0)]
+    chosen: list[tuple[int, int, int]] = []  # (slot id, parent slot id, rank)
+    depth = {0: 0}
+    counter = 2
+    while heap and len(chosen) < budget:
+        neg, slot, parent, rank = heapq.heappop(heap)
+        chosen.append((slot, parent, rank))
+        depth[slot] = depth[parent] + 1
+        if rank + 1 < len(acc):  # the next sibling
+            heapq.heappush(heap, (neg / acc[rank] * acc[rank + 1], counter, parent, rank + 1))
+            counter += 1
+        if depth[slot] < max_depth:  # the first child
+            heapq.heappush(heap, (neg * acc[0], counter, slot, 0))
+            counter += 1
+    chosen.sort(key=lambda c: (depth[c[0]], c[1], c[2]))
+    index = {0: 0}
+    parents = [-1]
+    for slot, parent, _ in chosen:
+        index[slot] = len(parents)
+        parents.append(index[parent])
+    return parents
+
+
+def expected_accepted(acceptance: Sequence[float], parents: Sequence[int]) -> float:
+    """Sequoia's expected number of accepted drafted tokens for a tree shape."""
+    acc = sorted((float(a) for a in acceptance), reverse=True)
+    score = [1.0] * len(parents)
+    rank = [0] * len(parents)
+    seen: dict[int, int] = {}
+    for i in range(1, len(parents)):
+        rank[i] = seen.get(parents[i], 0)
+        seen[parents[i]] = rank[i] + 1
+        score[i] = score[parents[i]] * (acc[rank[i]] if rank[i] < len(acc) else 0.0)
+    return sum(score[1:])
+
+
+def static_tree(root_token: int, draft_fn: DraftFn, shape: Sequence[int],
+                eos_ids: Sequence[int] = (), generator: torch.Generator | None = None,
+                deterministic: bool = False) -> DraftTree:
+    """Fill a fixed tree ``shape`` (a parents list from :func:`static_shape`) with draft
+    tokens, layer by layer: each node's children are its draft's first samples drawn without
+    replacement. One draft call per layer. Nodes under an EOS are left out."""
+    want: dict[int, int] = {}
+    for parent in shape[1:]:
+        want[parent] = want.get(parent, 0) + 1
+    tree = DraftTree.root(root_token)
+    frontier = [(0, 0)]  # (shape node, tree node)
+    while frontier:
+        expand = [(s, t) for s, t in frontier if want.get(s)]
+        if not expand:
+            break
+        probs = draft_fn(tree, [t for _, t in expand])
+        kids = {s: [i for i in range(1, len(shape)) if shape[i] == s] for s, _ in expand}
+        frontier = []
+        for (s, t), dist in zip(expand, probs):
+            tree.draft_probs[t] = dist
+            for shape_child, y in zip(kids[s], race_order(dist, generator, want[s],
+                                                          deterministic)):
+                child = tree.add(t, y)
+                if y not in eos_ids:
+                    frontier.append((shape_child, child))
+    _drop_unused_draft_probs(tree)
     return tree
 
 

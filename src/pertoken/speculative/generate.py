@@ -18,11 +18,16 @@ import torch
 from transformers import DynamicCache
 
 from pertoken.errors import UserError
-from pertoken.speculative.draft_tree import chain_tree, heap_tree, threshold_tree
+from pertoken.speculative.draft_tree import (chain_tree, heap_tree, static_shape, static_tree,
+                                             threshold_tree)
 from pertoken.speculative.methods import METHODS
 from pertoken.speculative.tree import accepted_keep, compact_cache, tree_forward
 from pertoken.speculative.verify import DraftTree, verify_greedy, verify_sampling
 
+
+
+DEFAULT_ACCEPTANCE = (0.55, 0.15, 0.07, 0.04, 0.025, 0.015, 0.01, 0.01)
+"""Acceptance by draft rank used for the ``tree`` method when none was measured."""
 
 
 @dataclass
@@ -92,20 +97,29 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              max_new_tokens: int = 64, eos_token_id: int | list[int] | None = None,
              draft_temperature: float = 0.6, seed: int = 0,
-             on_tokens=None) -> GenerateOutput:
+             tree_shape: list[int] | None = None, on_tokens=None) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` after ``input_ids`` with ``method``.
 
     Greedy when ``temperature == 0``; otherwise the output law is the target's after
     temperature, top-k and top-p. The DySpec tree holds at most ``budget`` drafted tokens and
-    grows while a slot's draft path probability exceeds ``1 / (budget + 1)``. ``on_tokens``,
-    if given, is called with the list of tokens each step emits (for streaming).
+    grows while a slot's draft path probability exceeds ``1 / (budget + 1)``. The ``tree``
+    method fills the fixed ``tree_shape`` (a parents list, see
+    :func:`~pertoken.speculative.draft_tree.static_shape`; by default the shape for
+    :data:`DEFAULT_ACCEPTANCE`). At temperature 0 the drafts are the draft's most likely tokens
+    rather than samples (greedy exactness does not depend on them). ``on_tokens``, if given, is
+    called with the list of tokens each step emits (for streaming).
     """
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     _check(temperature, top_p, budget, target, draft if method != "ar" else None)
     if not input_ids:
         raise UserError("the prompt is empty")
+    if method == "tree":
+        tree_shape = list(tree_shape or static_shape(DEFAULT_ACCEPTANCE, budget))
+        if len(tree_shape) - 1 > budget:
+            raise UserError(f"the tree shape has {len(tree_shape) - 1} nodes, over the budget {budget}")
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    greedy = temperature == 0
     verify_gen = torch.Generator().manual_seed(seed)
     draft_gen = torch.Generator().manual_seed(seed + 1)
     out = GenerateOutput(tokens=[])
@@ -125,17 +139,20 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
                 draft_cache.crop(-(draft_cache.get_seq_length() - p))
                 return torch.softmax(logits[list(nodes)].double() / draft_temperature, -1)
 
+            common = dict(eos_ids=tuple(eos), generator=draft_gen, deterministic=greedy)
             if method == "chain":
-                tree = chain_tree(root, draft_fn, budget, eos_ids=tuple(eos), generator=draft_gen)
+                tree = chain_tree(root, draft_fn, budget, **common)
             elif method == "dyspec-heap":
-                tree = heap_tree(root, draft_fn, budget, eos_ids=tuple(eos), generator=draft_gen)
+                tree = heap_tree(root, draft_fn, budget, **common)
+            elif method == "tree":
+                tree = static_tree(root, draft_fn, tree_shape, **common)
             else:
                 tree = threshold_tree(root, draft_fn, threshold=1.0 / (budget + 1),
-                                      budget=budget, eos_ids=tuple(eos), generator=draft_gen)
+                                      budget=budget, **common)
         draft_seconds = time.perf_counter() - start
         start = time.perf_counter()
         logits = tree_forward(target, target_cache, tree.tokens, tree.parents)
-        if temperature == 0:
+        if greedy:
             accepted, token = verify_greedy(tree, logits)
         else:
             accepted, token = verify_sampling(tree, warp(logits, temperature, top_k, top_p),

@@ -1,0 +1,291 @@
+"""Train a small draft model for a target by distillation (``pertoken speculative train-draft``).
+
+The draft is a plain Llama (a normal transformers folder: ``config.json``, ``model.safetensors``
+and the target's tokenizer), narrow and shallow so that its cost per token is about a tenth of
+the target's or less. It shares the target's vocabulary, so it works with our decoding loop and
+with transformers' own ``generate(assistant_model=...)``.
+
+Choices, and why:
+
+- **Distillation from the target, not an EAGLE head.** An EAGLE head reads the target's hidden
+  states and needs the target's 49152 x 576 LM head for every drafted token, which alone costs
+  a fifth of SmolLM2-135M's per-token work; and it is not a model ``generate(assistant_model=)``
+  can use. A standalone model with a 128-wide tied embedding costs about 1/20 of the target's
+  multiply-adds.
+- **Embedding initialised from the target's.** The draft's tied embedding is the projection of
+  the target's embedding on its top principal directions, so the draft starts with the target's
+  token geometry and converges in few tokens.
+- **Loss:** cross-entropy against the target's distribution renormalised over its top ``k``
+  tokens (the teacher runs in bfloat16; the tail carries little mass), and we report top-1
+  agreement, the quantity greedy acceptance depends on.
+
+Long runs write a checkpoint (and a usable draft folder) every ``checkpoint_every`` steps;
+``resume=True`` continues from it with the same data order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pertoken.atomic import atomic_path, write_json_atomic
+from pertoken.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DraftTrainConfig:
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 384
+    seq_len: int = 256
+    batch_size: int = 8
+    train_tokens: int = 3_000_000
+    """tokens the draft sees in training (the corpus is cycled if it is shorter)"""
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    top_k: int = 64
+    """the teacher's distribution is renormalised over its top ``top_k`` tokens"""
+    max_doc_tokens: int = 2048
+    """longer documents are cut (so long manuals do not crowd out short articles)"""
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "seq_len",
+                     "batch_size", "train_tokens", "top_k", "checkpoint_every", "max_doc_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(f"hidden size {self.hidden_size} is not a multiple of "
+                            f"{self.num_attention_heads} heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UserError("attention heads must be a multiple of key-value heads")
+        if not self.lr > 0:
+            raise UserError(f"learning rate must be positive, got {self.lr}")
+
+    @property
+    def steps(self) -> int:
+        return max(1, math.ceil(self.train_tokens / (self.seq_len * self.batch_size)))
+
+
+def draft_config(target_config, cfg: DraftTrainConfig):
+    """A Llama config for the draft: the target's vocabulary, special ids and RoPE."""
+    from transformers import LlamaConfig
+
+    rope = getattr(target_config, "rope_parameters", None) or {}
+    return LlamaConfig(
+        vocab_size=target_config.vocab_size, hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=target_config.max_position_embeddings,
+        rope_theta=rope.get("rope_theta", getattr(target_config, "rope_theta", 10000.0)),
+        rms_norm_eps=getattr(target_config, "rms_norm_eps", 1e-5), tie_word_embeddings=True,
+        bos_token_id=target_config.bos_token_id, eos_token_id=target_config.eos_token_id,
+        pad_token_id=getattr(target_config, "pad_token_id", None))
+
+
+def init_draft(target, cfg: DraftTrainConfig, seed: int = 0):
+    """A random-init draft whose tied embedding is the target's, projected on its top
+    ``hidden_size`` principal directions."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    draft = LlamaForCausalLM(draft_config(target.config, cfg))
+    emb = target.get_input_embeddings().weight.detach().float()
+    if cfg.hidden_size <= emb.shape[1]:
+        _, _, vh = torch.linalg.svd(emb - emb.mean(0), full_matrices=False)
+        projected = emb @ vh[: cfg.hidden_size].T
+        # match the scale of a fresh embedding row so the first layers see familiar norms
+        projected *= draft.get_input_embeddings().weight.std() / projected.std()
+        with torch.no_grad():
+            draft.get_input_embeddings().weight.copy_(projected)
+    draft.tie_weights()
+    return draft
+
+
+def tokenize_corpus(tokenizer, documents, max_tokens: int, max_doc_tokens: int,
+                    seed: int = 0) -> np.ndarray:
+    """Shuffle the documents (seeded), tokenize them with an EOS before each, cut each at
+    ``max_doc_tokens``, and stop after ``max_tokens`` tokens."""
+    docs = list(documents)
+    random.Random(seed).shuffle(docs)
+    sep = tokenizer.eos_token_id
+    out: list[np.ndarray] = []
+    total = 0
+    for start in range(0, len(docs), 512):
+        batch = [d[: max_doc_tokens * 8] for d in docs[start:start + 512]]
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            if not ids:
+                continue
+            piece = np.asarray([sep] + ids[:max_doc_tokens], dtype=np.int32)
+            out.append(piece)
+            total += piece.size
+        if total >= max_tokens:
+            break
+    if not out:
+        raise UserError("the training corpus has no text")
+    return np.concatenate(out)[:max_tokens]
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, top_k: int):
+    """Cross-entropy of the student against the teacher renormalised over its top ``top_k``
+    tokens, and the fraction of positions where their argmax agrees."""
+    values, index = torch.topk(teacher_logits, top_k, dim=-1)
+    target = torch.softmax(values.float(), dim=-1)
+    logq = torch.log_softmax(student_logits.float(), dim=-1)
+    loss = -(target * logq.gather(-1, index)).sum(-1).mean()
+    agree = (student_logits.argmax(-1) == index[..., 0]).float().mean()
+    return loss, agree
+
+
+@torch.inference_mode()
+def decode_seconds(model, context: int = 256, repeats: int = 7, generator_seed: int = 0) -> float:
+    """Median seconds of one single-token forward over a ``context``-token cache."""
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(generator_seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, context + 1), generator=g)
+    times = []
+    for _ in range(repeats + 1):
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :context], cache=cache, use_cache=True)
+        start = time.perf_counter()
+        model(input_ids=ids[:, context:], cache=cache, use_cache=True)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[1:]))
+
+
+def _lr(step: int, cfg: DraftTrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def _save_draft(draft, tokenizer, out: Path, info: dict) -> None:
+    """Write the draft's model files into ``out`` (each file replaced atomically)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp:
+        draft.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for item in Path(tmp).iterdir():
+            os.replace(item, out / item.name)  # a rename within one folder is atomic
+    write_json_atomic(out / "pertoken-draft.json", info)
+
+
+def train_draft(target, tokenizer, documents, out: str | Path, cfg: DraftTrainConfig,
+                resume: bool = False, target_name: str = "", progress: bool = True) -> dict:
+    """Distil a draft for ``target`` on ``documents`` into the folder ``out``; return its stats.
+
+    ``target`` should be in bfloat16 for speed (it only provides soft labels); the draft trains
+    in float32 with bfloat16 autocast.
+    """
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    out = Path(out)
+    state_dir = out / ".train"
+    checkpoint = state_dir / "checkpoint.pt"
+    if checkpoint.exists() and not resume:
+        raise UserError(f"{out} holds an unfinished training run: pass --resume to continue it, "
+                        "or choose another folder")
+    if resume and not checkpoint.exists():
+        raise UserError(f"nothing to resume in {out}")
+    state_dir.mkdir(parents=True, exist_ok=True)
+
+    tokens_path = state_dir / "tokens.npy"
+    if tokens_path.exists():
+        tokens = np.load(tokens_path)
+    else:
+        log.info("tokenizing the training corpus")
+        tokens = tokenize_corpus(tokenizer, documents, cfg.train_tokens, cfg.max_doc_tokens,
+                                 cfg.seed)
+        with atomic_path(tokens_path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, tokens)
+    n_seq = tokens.size // (cfg.seq_len + 1)
+    if n_seq < cfg.batch_size:
+        raise UserError(f"the corpus gives {n_seq} sequences of {cfg.seq_len + 1} tokens, "
+                        f"fewer than one batch of {cfg.batch_size}")
+    sequences = torch.from_numpy(tokens[: n_seq * (cfg.seq_len + 1)].astype(np.int64)).view(
+        n_seq, cfg.seq_len + 1)
+
+    draft = init_draft(target, cfg, cfg.seed)
+    decay = [p for n, p in draft.named_parameters() if p.ndim >= 2]
+    rest = [p for n, p in draft.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=cfg.lr,
+                                  betas=(0.9, 0.95))
+    step = 0
+    history: list[dict] = []
+    if resume:
+        state = torch.load(checkpoint, weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise UserError(f"{out} was trained with other settings; resume with the same flags")
+        draft.load_state_dict(state["draft"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history = state["step"], state["history"]
+        log.info("resuming at step %d of %d", step, cfg.steps)
+
+    order = torch.randperm(n_seq, generator=torch.Generator().manual_seed(cfg.seed))
+    draft.train()
+    target.eval()
+    info = {"target": target_name, "config": asdict(cfg), "steps": cfg.steps,
+            "sequences": n_seq, "train_tokens_available": int(tokens.size)}
+    bar = tqdm(total=cfg.steps, initial=step, desc="train-draft", disable=not progress,
+               unit="step")
+    window: list[tuple[float, float]] = []
+    start = time.perf_counter()
+    while step < cfg.steps:
+        picks = [(step * cfg.batch_size + i) % n_seq for i in range(cfg.batch_size)]
+        batch = sequences[order[picks]]
+        inputs = batch[:, :-1]
+        with torch.inference_mode():
+            teacher = target(input_ids=inputs).logits
+        teacher = teacher.clone()
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            student = draft(input_ids=inputs).logits
+        loss, agree = distill_loss(student, teacher, cfg.top_k)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        window.append((float(loss), float(agree)))
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean([w[0] for w in window[-20:]]):.3f}",
+                        top1=f"{np.mean([w[1] for w in window[-20:]]):.3f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            history.append({"step": step, "loss": float(np.mean([w[0] for w in window])),
+                            "top1_agreement": float(np.mean([w[1] for w in window])),
+                            "seconds": time.perf_counter() - start})
+            window = []
+            draft.eval()
+            _save_draft(draft, tokenizer, out, {**info, "step": step, "history": history})
+            draft.train()
+            with atomic_path(checkpoint) as tmp:
+                torch.save({"draft": draft.state_dict(), "optimizer": optimizer.state_dict(),
+                            "step": step, "history": history, "config": asdict(cfg)}, tmp)
+    bar.close()
+    draft.eval()
+    info.update(step=step, history=history)
+    _save_draft(draft, tokenizer, out, info)
+    checkpoint.unlink(missing_ok=True)
+    return info
