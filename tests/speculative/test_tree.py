@@ -87,3 +87,55 @@ def test_positions_follow_depth_and_parents_must_precede_children():
     assert tree_position_ids([-1, 0, 0, 1], 5).tolist() == [[5, 6, 6, 7]]
     with pytest.raises(ValueError, match="precede"):
         depths([-1, 2, 0])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tree_fed_in_layers_gives_the_logits_of_each_path(seed):
+    """Feeding a tree in several calls (each over the cache of the earlier nodes), keeping only
+    some rows, equals sequential decoding of each node's path."""
+    rng = random.Random(seed)
+    model = _model("sdpa")
+    prefix = [rng.randrange(4, 200) for _ in range(5)]
+    parents = _random_tree(rng, 12)
+    tokens = [rng.randrange(4, 200) for _ in parents]
+    cache = _prefill(model, prefix)
+    got = {}
+    for start, end in ((0, 1), (1, 5), (5, 12)):
+        keep = list(range(start, end, 2))
+        logits = tree_forward(model, cache, tokens[:end], parents[:end], start=start, keep=keep)
+        got.update(zip(keep, logits))
+    assert cache.get_seq_length() == len(prefix) + len(parents)
+    for node, row in got.items():
+        ids = prefix + [tokens[i] for i in _path(parents, node)]
+        with torch.inference_mode():
+            want = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        assert torch.allclose(row, want, atol=1e-4), node
+
+
+def test_draft_runner_probabilities_and_cache_after_commit():
+    from pertoken.speculative.generate import _DraftRunner
+    from pertoken.speculative.verify import DraftTree
+
+    model = _model("sdpa")
+    prefix = [7, 8, 9, 10]
+    cache = _prefill(model, prefix)
+    runner = _DraftRunner(model, cache, temperature=0.6, every_node=False)
+    runner.start(len(prefix))
+    tree = DraftTree.root(11)
+    first = runner(tree, [0])
+    a, b = tree.add(0, 12), tree.add(0, 13)
+    second = runner(tree, [a, b])
+    c = tree.add(a, 14)
+    tree.add(c, 15)  # never fed: added after the last call
+    runner(tree, [c])
+    for node, probs in ((0, first[0]), (a, second[0]), (b, second[1])):
+        ids = prefix + [tree.tokens[i] for i in _path(tree.parents, node)]
+        with torch.inference_mode():
+            want = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].double() / 0.6, -1)
+        assert torch.allclose(probs, want, atol=1e-5)
+    runner.commit(tree, [0, a, c, 4])  # the whole path, its last node unseen by the draft
+    fresh = _prefill(model, prefix + [11, 12, 14, 15])
+    assert cache.get_seq_length() == fresh.get_seq_length() == 8
+    for mine, ref in zip(cache.layers, fresh.layers):
+        assert torch.allclose(mine.keys, ref.keys, atol=1e-5)
+        assert torch.allclose(mine.values, ref.values, atol=1e-5)

@@ -14,13 +14,19 @@ def _generate(args) -> int:
     from pertoken.models import load_model
     from pertoken.speculative.generate import check_settings, generate
 
-    check_settings(args.temperature, args.top_p, args.budget)  # before loading any model
+    check_settings(args.temperature, args.top_p, 1 if args.budget == "auto" else args.budget)
     if args.method != "ar" and not args.draft:
         raise UserError(f"--method {args.method} needs a --draft model")
     if args.threads:
         torch.set_num_threads(args.threads)
-    target, tokenizer = load_model(args.model)
-    draft = load_model(args.draft)[0] if args.method != "ar" else None
+    target, tokenizer = load_model(args.model, dtype=args.dtype)
+    draft = load_model(args.draft, dtype=args.dtype)[0] if args.method != "ar" else None
+    budget = args.budget
+    if budget == "auto":
+        from pertoken.speculative.bench import auto_budget
+
+        budget = auto_budget(target, draft, tokenizer, args.model, args.draft, args.temperature,
+                             args.top_k, args.top_p) if draft is not None else 1
     if args.chat and tokenizer.chat_template:
         messages = [{"role": "user", "content": args.prompt}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -40,7 +46,7 @@ def _generate(args) -> int:
             shown = len(text)
 
     start = time.perf_counter()
-    out = generate(target, draft, list(ids), method=args.method, budget=args.budget,
+    out = generate(target, draft, list(ids), method=args.method, budget=budget,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                    seed=args.seed, on_tokens=stream)
@@ -92,6 +98,60 @@ def _train_draft(args) -> int:
     return 0
 
 
+def _budget(text: str):
+    import argparse
+
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
+def _numbers(kind):
+    def parse(text: str) -> list:
+        import argparse
+
+        try:
+            return [kind(v) for v in text.split(",") if v]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated values, got {text!r}") from None
+    return parse
+
+
+def _bench(args) -> int:
+    import torch
+
+    from pertoken.atomic import write_json_atomic
+    from pertoken.models import load_model, resolve
+    from pertoken.speculative.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(model=args.model, draft=args.draft, methods=args.methods,
+                      budgets=args.budgets, temperatures=args.temperatures, prompts=args.prompts,
+                      max_new_tokens=args.max_new_tokens, prompt_tokens=args.prompt_tokens,
+                      repeats=args.repeats, dtype=args.dtype, top_k=args.top_k, top_p=args.top_p)
+    cfg.validate()
+    resolve(args.model)
+    if args.draft:
+        resolve(args.draft)
+    torch.set_num_threads(args.threads)
+    target, tokenizer = load_model(args.model, dtype=args.dtype)
+    draft = load_model(args.draft, dtype=args.dtype)[0] if args.draft else None
+    if draft is not None and draft.config.vocab_size != target.config.vocab_size:
+        raise UserError("the draft and the target have different vocabularies "
+                        f"({draft.config.vocab_size} vs {target.config.vocab_size})")
+    result = run_bench(target, draft, tokenizer, cfg)
+    if args.json:
+        write_json_atomic(args.json, result)
+    for row in result["results"]:
+        speed = row["speedup_vs_ar"]
+        print(f"{row['method']:<12} budget {str(row['budget']):>4}  T={row['temperature']:<4} "
+              f"{row['tokens_per_call']:.2f} tokens/call  {row['tokens_per_second']:.1f} tokens/s"
+              + (f"  {speed:.2f}x ar" if speed else ""))
+    return 0
+
+
 def add_commands(commands, parser_class, positive_int) -> None:
     """Add ``speculative generate`` to the top-level subparsers."""
     from pertoken.models import DEFAULT_MODEL
@@ -105,7 +165,9 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--method", default="dyspec", choices=list(METHODS))
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--budget", type=int, default=8, help="drafted tokens per step")
+    p.add_argument("--budget", type=_budget, default=8,
+                   help="drafted tokens per step, or auto (measured on this machine)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -113,6 +175,25 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None)
     p.set_defaults(func=_generate)
+
+    p = verbs.add_parser("bench", help="compare decoding methods on the same prompts")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the target model")
+    p.add_argument("--draft", help="the draft model (same vocabulary)")
+    p.add_argument("--methods", type=_numbers(str), default="ar,chain,tree,dyspec,hf-assisted",
+                   help="comma-separated: ar, chain, tree, dyspec, dyspec-heap, hf-assisted, hf-ar")
+    p.add_argument("--budgets", type=_numbers(_budget), default="4,8,16",
+                   help="comma-separated tree budgets (auto: measured)")
+    p.add_argument("--temperatures", type=_numbers(float), default="0,1")
+    p.add_argument("--prompts", default="wiki-en:8", help="CORPUS:N (held-out) or chat:N")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--prompt-tokens", type=positive_int, default=128)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--json", help="write the results here")
+    p.set_defaults(func=_bench)
 
     p = verbs.add_parser("train-draft", help="distil a small draft model for a target")
     p.add_argument("--target", default=DEFAULT_MODEL, help="the target model")

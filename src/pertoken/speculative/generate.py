@@ -1,12 +1,13 @@
 """The decoding loop: plain autoregressive decoding (``ar``, the reference), classic speculative
-sampling (``chain``: ``budget`` tokens drafted one after another) and DySpec (``dyspec``: a
-threshold draft tree with one draft call per layer; ``dyspec-heap``: the heap construction with
-one draft call per expanded node), each verified in one target pass per step.
+sampling (``chain``: ``budget`` tokens drafted one after another), Sequoia's static tree
+(``tree``) and DySpec (``dyspec``: a threshold draft tree with one draft call per layer;
+``dyspec-heap``: the heap construction with one draft call per expanded node), each verified in
+one target pass per step.
 
 Caches follow spec §1.4: ``P`` committed tokens are cached; the root (the last committed
 token) is not, and is query 0 of the next tree pass. After verification the target cache keeps
-the prefix, the root and the accepted nodes; the draft cache is cropped back to the prefix after
-every draft call and extended with the accepted tokens.
+the prefix, the root and the accepted nodes; so does the draft cache, which sees each tree node
+once while the tree grows and is then fed whatever of the accepted path it has not seen.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class StepStats:
     accepted: int
     draft_seconds: float
     target_seconds: float
+    path: tuple[int, ...] = ()
+    """the accepted tree nodes (indices into the step's tree, root excluded)"""
 
 
 @dataclass
@@ -92,6 +95,43 @@ def _prefill(model, ids: list[int]) -> DynamicCache:
     return cache
 
 
+class _DraftRunner:
+    """The draft side of one step: feeds each tree node to the draft once (one forward per
+    call, covering the nodes added since the last call, with a mask over the draft cache of
+    prefix and earlier nodes) and computes draft probabilities only for the nodes asked for
+    (every fed node for the heap, which may expand any node later). ``commit`` keeps the
+    accepted path in the draft cache, as for the target, and feeds the part of it the draft
+    has not seen yet."""
+
+    def __init__(self, model, cache, temperature: float, every_node: bool) -> None:
+        self.model, self.cache, self.temperature = model, cache, temperature
+        self.every_node = every_node
+        self.prefix = self.fed = 0
+        self.probs: dict[int, torch.Tensor] = {}
+
+    def start(self, prefix: int) -> None:
+        self.prefix, self.fed, self.probs = prefix, 0, {}
+
+    def __call__(self, tree, nodes) -> torch.Tensor:
+        n = len(tree)
+        if self.fed < n:
+            wanted = set(nodes)
+            keep = [i for i in range(self.fed, n) if self.every_node or i in wanted]
+            logits = tree_forward(self.model, self.cache, tree.tokens, tree.parents,
+                                  start=self.fed, keep=keep)
+            probs = torch.softmax(logits.double() / self.temperature, -1)
+            self.probs.update(zip(keep, probs))
+            self.fed = n
+        return torch.stack([self.probs[i] for i in nodes])
+
+    def commit(self, tree, path: list[int]) -> None:
+        """``path``: the root and the accepted nodes (increasing indices)."""
+        compact_cache(self.cache, accepted_keep(self.prefix, [i for i in path if i < self.fed]))
+        rest = [tree.tokens[i] for i in path if i >= self.fed]
+        if rest:
+            self.model(input_ids=torch.tensor([rest]), cache=self.cache, use_cache=True)
+
+
 @torch.inference_mode()
 def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget: int = 8,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -128,17 +168,16 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
     target_cache = _prefill(target, prefix)
     draft_cache = _prefill(draft, prefix) if method != "ar" else None
 
+    runner = _DraftRunner(draft, draft_cache, draft_temperature,
+                          every_node=method == "dyspec-heap") if method != "ar" else None
     while len(out.tokens) < max_new_tokens:
         p = target_cache.get_seq_length()
         start = time.perf_counter()
         if method == "ar":
             tree = DraftTree.root(root)
         else:
-            def draft_fn(tree, nodes):
-                logits = tree_forward(draft, draft_cache, tree.tokens, tree.parents)
-                draft_cache.crop(-(draft_cache.get_seq_length() - p))
-                return torch.softmax(logits[list(nodes)].double() / draft_temperature, -1)
-
+            runner.start(p)
+            draft_fn = runner
             common = dict(eos_ids=tuple(eos), generator=draft_gen, deterministic=greedy)
             if method == "chain":
                 tree = chain_tree(root, draft_fn, budget, **common)
@@ -160,9 +199,12 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
         target_seconds = time.perf_counter() - start
         compact_cache(target_cache, accepted_keep(p, [0] + accepted))
         new = [tree.tokens[i] for i in accepted] + [token]
-        out.steps.append(StepStats(len(tree) - 1, len(accepted), draft_seconds, target_seconds))
-        if draft_cache is not None:
-            draft(input_ids=torch.tensor([[root] + new[:-1]]), cache=draft_cache, use_cache=True)
+        if runner is not None:
+            start = time.perf_counter()
+            runner.commit(tree, [0] + accepted)
+            draft_seconds += time.perf_counter() - start
+        out.steps.append(StepStats(len(tree) - 1, len(accepted), draft_seconds, target_seconds,
+                                   tuple(accepted)))
         emitted = []
         for t in new:
             emitted.append(t)

@@ -35,40 +35,45 @@ def ancestors_matrix(parents: Sequence[int]) -> torch.Tensor:
 
 
 def tree_attention_mask(parents: Sequence[int], prefix_length: int,
-                        dtype: torch.dtype) -> torch.Tensor:
-    """The ``(1, 1, N, P + N)`` additive mask: 0 where a node may attend, ``finfo.min`` elsewhere."""
+                        dtype: torch.dtype, start: int = 0) -> torch.Tensor:
+    """The ``(1, 1, N - start, P + N)`` additive mask of nodes ``start..N-1``: 0 where a node
+    may attend (the prefix, its ancestors, itself), ``finfo.min`` elsewhere."""
     if not dtype.is_floating_point:
         raise TypeError("tree masks are additive float masks, in the model's dtype")
     n = len(parents)
-    visible = torch.cat([torch.ones(n, prefix_length, dtype=torch.bool),
-                         ancestors_matrix(parents)], dim=1)
-    mask = torch.zeros(n, prefix_length + n, dtype=dtype)
-    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    mask = torch.zeros(n - start, prefix_length + n, dtype=dtype)
+    mask[:, prefix_length:].masked_fill_(~ancestors_matrix(parents)[start:],
+                                         torch.finfo(dtype).min)
     return mask[None, None]
 
 
-def tree_position_ids(parents: Sequence[int], prefix_length: int) -> torch.Tensor:
-    """``(1, N)`` positions ``P + depth``."""
-    return torch.tensor([[prefix_length + d for d in depths(parents)]], dtype=torch.long)
+def tree_position_ids(parents: Sequence[int], prefix_length: int, start: int = 0) -> torch.Tensor:
+    """``(1, N - start)`` positions ``P + depth`` of nodes ``start..N-1``."""
+    return torch.tensor([[prefix_length + d for d in depths(parents)[start:]]], dtype=torch.long)
 
 
 @torch.inference_mode()
-def tree_forward(model, cache, tokens: Sequence[int], parents: Sequence[int]) -> torch.Tensor:
-    """Logits ``(N, vocab)`` of every tree node, appending the nodes to ``cache``.
+def tree_forward(model, cache, tokens: Sequence[int], parents: Sequence[int], start: int = 0,
+                 keep: Sequence[int] | None = None) -> torch.Tensor:
+    """Logits of tree nodes, appending nodes ``start..N-1`` to ``cache``.
 
-    ``tokens[i]`` is node ``i``'s token; ``cache`` holds the committed prefix (a transformers
-    ``DynamicCache``). Each node's logits equal those of decoding its path one token at a time.
+    ``tokens[i]`` is node ``i``'s token; ``cache`` holds the committed prefix followed by nodes
+    ``0..start-1`` (a transformers ``DynamicCache``). Returns the logits ``(len(keep), vocab)``
+    of the nodes ``keep`` (all new nodes by default; each must be ``>= start``), each equal to
+    those of decoding its path one token at a time.
     """
     if len(tokens) != len(parents):
         raise ValueError("one parent per token")
-    prefix = cache.get_seq_length()
+    prefix = cache.get_seq_length() - start
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
-    input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+    input_ids = torch.tensor([list(tokens[start:])], dtype=torch.long, device=device)
+    rows = 0 if keep is None else torch.tensor([i - start for i in keep], dtype=torch.long,
+                                               device=device)
     out = model(input_ids=input_ids,
-                attention_mask=tree_attention_mask(parents, prefix, dtype).to(device),
-                position_ids=tree_position_ids(parents, prefix).to(device),
-                cache=cache, use_cache=True)
+                attention_mask=tree_attention_mask(parents, prefix, dtype, start).to(device),
+                position_ids=tree_position_ids(parents, prefix, start).to(device),
+                cache=cache, use_cache=True, logits_to_keep=rows)
     return out.logits[0]
 
 

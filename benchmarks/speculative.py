@@ -1,0 +1,155 @@
+"""Benchmark speculative decoding on the default target with the trained draft (issue #4).
+
+Cells: held-out wiki-en prompts and chat prompts, in float32 and bfloat16. Each cell is one
+``pertoken speculative bench`` process (1 torch thread) that runs every method on the same
+prompts, repeats outermost, and reports medians; ``--jobs 2`` runs two cells at once, one per
+core (each cell compares methods only within itself). The draft is trained first with
+``pertoken speculative train-draft`` if it is not there (resumable).
+
+Writes docs/results/speculative.json and .md (tables, and plots of tokens per target call
+against the budget). Finished cells are kept under $PERTOKEN_CACHE/bench/speculative and reused
+on a rerun unless --fresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pertoken.bench import environment, markdown_table, write_results
+from pertoken.models import DEFAULT_MODEL, cache_dir
+
+
+def ensure_draft(folder: Path, target: str) -> None:
+    if (folder / "config.json").is_file() and not (folder / ".train" / "checkpoint.pt").exists():
+        return
+    cmd = [sys.executable, "-m", "pertoken", "speculative", "train-draft", "--target", target,
+           "-o", str(folder)]
+    if (folder / ".train" / "checkpoint.pt").exists():
+        cmd.append("--resume")
+    subprocess.run(cmd, check=True)
+
+
+def run_cell(args, work: Path, prompts: str, dtype: str) -> dict:
+    out = work / f"cell-{prompts.replace(':', '-')}-{dtype}.json"
+    if out.is_file() and not args.fresh:
+        return json.loads(out.read_text())
+    cmd = [sys.executable, "-m", "pertoken", "speculative", "bench", "--model", args.model,
+           "--draft", str(args.draft), "--methods", args.methods, "--budgets", args.budgets,
+           "--temperatures", args.temperatures, "--prompts", prompts,
+           "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats),
+           "--dtype", dtype, "--threads", str(args.threads), "--json", str(out)]
+    log = work / f"cell-{prompts.replace(':', '-')}-{dtype}.log"
+    with open(log, "w") as handle:
+        subprocess.run(cmd, check=True, stdout=handle, stderr=subprocess.STDOUT)
+    print(f"done: {prompts} {dtype}", flush=True)
+    return json.loads(out.read_text())
+
+
+def summarize(cell: dict) -> dict:
+    rows = cell["results"]
+    out = {"prompts": cell["prompts"], "dtype": cell["dtype"]}
+    for t in sorted({r["temperature"] for r in rows}):
+        at = [r for r in rows if r["temperature"] == t]
+        best = {m: max((r for r in at if r["method"] == m), key=lambda r: r["tokens_per_second"],
+                       default=None) for m in ("dyspec", "chain", "tree", "hf-assisted", "hf-ar")}
+        tag = f"T{t:g}"
+        if best["dyspec"]:
+            d = best["dyspec"]
+            out[f"{tag}_dyspec_budget"] = d["budget"]
+            out[f"{tag}_dyspec_speedup_vs_ar"] = d["speedup_vs_ar"]
+            out[f"{tag}_dyspec_tokens_per_call"] = d["tokens_per_call"]
+            if best["hf-assisted"]:
+                out[f"{tag}_dyspec_vs_hf_assisted"] = (d["tokens_per_second"]
+                                                       / best["hf-assisted"]["tokens_per_second"])
+            for other in ("chain", "tree"):
+                same = next((r for r in at if r["method"] == other and r["budget"] == d["budget"]),
+                            None)
+                if same:
+                    out[f"{tag}_dyspec_minus_{other}_tokens_per_call"] = (
+                        d["tokens_per_call"] - same["tokens_per_call"])
+        if best["hf-ar"]:
+            out[f"{tag}_hf_ar_vs_ar"] = best["hf-ar"]["speedup_vs_ar"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--draft", type=Path, default=None,
+                        help="draft folder (default: train one under the bench cache)")
+    parser.add_argument("--prompt-sets", default="wiki-en:6,chat:6")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--methods", default="ar,hf-ar,chain,tree,dyspec,hf-assisted")
+    parser.add_argument("--budgets", default="4,8,16,auto")
+    parser.add_argument("--temperatures", default="0,1")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once")
+    parser.add_argument("--fresh", action="store_true", help="rerun finished cells")
+    parser.add_argument("--results-dir", default="docs/results")
+    args = parser.parse_args()
+    work = cache_dir() / "bench" / "speculative"
+    work.mkdir(parents=True, exist_ok=True)
+    args.draft = args.draft or work / "draft-smollm2"
+    ensure_draft(args.draft, args.model)
+    draft_info = json.loads((args.draft / "pertoken-draft.json").read_text())
+
+    cells = [(p, d) for d in args.dtypes.split(",") for p in args.prompt_sets.split(",")]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda c: run_cell(args, work, *c), cells))
+
+    table_rows, plots = [], []
+    for cell in results:
+        for r in cell["results"]:
+            table_rows.append({"prompts": cell["prompts"], "dtype": cell["dtype"], **{
+                k: r[k] for k in ("method", "budget", "temperature", "tokens_per_call",
+                                  "tokens_per_second", "speedup_vs_ar")},
+                "auto": r.get("auto_budget", False),
+                "same_as_ar": r.get("same_output_as_ar")})
+        budgets = sorted({r["budget"] for r in cell["results"]
+                          if isinstance(r["budget"], int) and not r.get("auto_budget")
+                          and r["method"] in ("chain", "tree", "dyspec")})
+        for t in sorted({r["temperature"] for r in cell["results"]}):
+            series = {}
+            for m in ("chain", "tree", "dyspec", "hf-assisted"):
+                values = []
+                for b in budgets:
+                    row = next((r for r in cell["results"] if r["method"] == m and r["budget"] == b
+                                and r["temperature"] == t and not r.get("auto_budget")), None)
+                    values.append(row["tokens_per_call"] if row else None)
+                if any(v is not None for v in values):
+                    series[m] = values
+            plots.append({"title": f"Tokens per target call, {cell['prompts']} prompts, "
+                                   f"{cell['dtype']}, T={t:g}",
+                          "x": budgets, "series": series, "xlabel": "budget (drafted tokens)",
+                          "ylabel": "tokens per target call"})
+    summary = [summarize(c) for c in results]
+    result = {"method": "speculative",
+              "title": "DySpec against plain decoding, chain, static tree and HF assisted",
+              "model": args.model, "draft": str(args.draft), "threads": args.threads,
+              "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
+              "draft_cost": draft_info.get("cost"), "draft_training": draft_info.get("history", [])[-1:],
+              "environment": environment(), "summary": summary, "results": table_rows,
+              "acceptance": {f"{c['prompts']} {c['dtype']}": c["acceptance"] for c in results},
+              "auto_budget": {f"{c['prompts']} {c['dtype']}": c["auto_budget"] for c in results},
+              "plots": plots}
+    columns = ["prompts", "dtype", "method", "budget", "temperature", "tokens_per_call",
+               "tokens_per_second", "speedup_vs_ar", "auto", "same_as_ar"]
+    markdown = (f"# Speculative decoding: {args.model} with a distilled draft\n\n"
+                f"{args.threads} torch thread(s) per cell, {args.max_new_tokens} new tokens per "
+                f"prompt, median of {args.repeats} runs.\n\n## Summary\n\n"
+                + markdown_table(summary, list(summary[0].keys()) if summary else [])
+                + "\n## All runs\n\n" + markdown_table(table_rows, columns))
+    path = write_results(Path(args.results_dir), "speculative", result, markdown)
+    print(markdown)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""Measure speculative decoding: prompts, acceptance by draft rank, the target's cost against
+the number of tree tokens (cached per machine), the budget that maximises expected tokens per
+second, and the side-by-side benchmark behind ``pertoken speculative bench``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import statistics
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from pertoken.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CHAT_PROMPTS = (
+    "Explain how a rainbow forms.",
+    "Write a short poem about the sea.",
+    "What are the main differences between a virus and a bacterium?",
+    "Give me three tips for learning a new language.",
+    "Summarize the causes of the First World War.",
+    "How does a refrigerator keep food cold?",
+    "Write a friendly email inviting a colleague to lunch.",
+    "What is photosynthesis and why is it important?",
+    "Describe the water cycle in simple terms.",
+    "How do I make a cup of tea?",
+    "What is the difference between weather and climate?",
+    "Tell me a short story about a lost dog finding its way home.",
+    "Why is the sky blue?",
+    "What are some healthy breakfast ideas?",
+    "Explain what a computer program is to a ten-year-old.",
+    "List the planets of the solar system in order from the sun.",
+    "How can I improve my sleep?",
+    "What does a software engineer do?",
+    "Describe the city of Paris in a few sentences.",
+    "What are the benefits of regular exercise?",
+    "Explain how vaccines work.",
+    "Write a recipe for a simple vegetable soup.",
+    "What is the capital of Japan, and what is it known for?",
+    "Give me advice on preparing for a job interview.",
+)
+"""Built-in chat prompts (``--prompts chat:N``), written for this project."""
+
+from pertoken.speculative.methods import BENCH_METHODS as METHOD_CHOICES  # noqa: E402
+
+
+def load_prompts(spec: str, tokenizer, prompt_tokens: int = 128, split: str = "heldout",
+                 skip: int = 0) -> list[list[int]]:
+    """Prompts from ``CORPUS:N`` (the first ``prompt_tokens`` tokens of ``N`` documents with at
+    least 16 tokens) or ``chat:N`` (built-in questions in the model's chat template)."""
+    name, _, count = spec.rpartition(":")
+    if not name or not count.isdigit() or int(count) < 1:
+        raise UserError(f"--prompts wants CORPUS:N or chat:N, got {spec!r}")
+    n = int(count)
+    if name == "chat":
+        if skip + n > len(CHAT_PROMPTS):
+            raise UserError(f"there are {len(CHAT_PROMPTS)} chat prompts, asked for {skip + n}")
+        out = []
+        for text in CHAT_PROMPTS[skip:skip + n]:
+            messages = [{"role": "user", "content": text}]
+            if tokenizer.chat_template:
+                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                    tokenize=True, return_dict=True)["input_ids"]
+            else:
+                ids = tokenizer.encode(text, add_special_tokens=False)
+            out.append(list(ids))
+        return out
+    from pertoken.data import open_corpus
+
+    out = []
+    seen = 0
+    for doc in open_corpus(name).documents(split):
+        ids = tokenizer.encode(doc, add_special_tokens=False)
+        if len(ids) < 16:
+            continue
+        seen += 1
+        if seen <= skip:
+            continue
+        out.append(ids[:prompt_tokens])
+        if len(out) == n:
+            return out
+    raise UserError(f"{name}/{split} has only {len(out)} documents to use as prompts, asked for {n}")
+
+
+def star_shape(width: int) -> list[int]:
+    return [-1] + [0] * width
+
+
+def measure_acceptance(target, draft, prompts: Sequence[Sequence[int]], temperature: float,
+                       width: int = 8, max_new_tokens: int = 48, top_k: int = 0,
+                       top_p: float = 1.0, eos_token_id=None, seed: int = 0) -> list[float]:
+    """Sequoia's acceptance vector: ``p[r]`` is the probability that the ``r``-th draft token
+    drawn without replacement at a node is the one accepted, measured with star trees of
+    ``width`` children while decoding ``prompts``."""
+    from pertoken.speculative.generate import generate
+
+    ranks: Counter[int] = Counter()
+    steps = 0
+    for i, prompt in enumerate(prompts):
+        out = generate(target, draft, list(prompt), method="tree", budget=width,
+                       temperature=temperature, top_k=top_k, top_p=top_p,
+                       max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                       tree_shape=star_shape(width), seed=seed + i)
+        for step in out.steps:
+            steps += 1
+            if step.path:
+                ranks[step.path[0] - 1] += 1
+    return [ranks[r] / max(steps, 1) for r in range(width)]
+
+
+@torch.inference_mode()
+def measure_tree_costs(model, sizes: Sequence[int], context: int = 256, repeats: int = 5) -> dict:
+    """Median seconds of one tree pass of ``N`` tokens over a ``context``-token cache, per N."""
+    from transformers import DynamicCache
+
+    from pertoken.speculative.tree import tree_forward
+
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, model.config.vocab_size, (1, context), generator=g)
+    out = {}
+    for n in sizes:
+        tokens = torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()
+        parents = [-1] + [i // 2 for i in range(1, n)]  # a binary tree
+        times = []
+        for _ in range(repeats + 1):
+            cache = DynamicCache(config=model.config)
+            model(input_ids=prefix, cache=cache, use_cache=True)
+            start = time.perf_counter()
+            tree_forward(model, cache, tokens, parents)
+            times.append(time.perf_counter() - start)
+        out[int(n)] = statistics.median(times[1:])
+    return out
+
+
+def _machine_key(name: str, model) -> str:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    parts = [name, str(next(model.parameters()).dtype), str(torch.get_num_threads()),
+             torch.__version__, cpu]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+def cost_curve(target, draft, target_name: str, draft_name: str, refresh: bool = False) -> dict:
+    """``{"target": {N: s}, "draft": s}`` for this machine, model, dtype and thread count,
+    measured once and cached under the pertoken cache."""
+    from pertoken.atomic import write_json_atomic
+    from pertoken.models import cache_dir
+    from pertoken.speculative.draft_train import decode_seconds
+
+    path = (cache_dir() / "speculative" /
+            f"costs-{_machine_key(target_name, target)}-{_machine_key(draft_name, draft)}.json")
+    if path.is_file() and not refresh:
+        data = json.loads(path.read_text())
+        return {"target": {int(k): v for k, v in data["target"].items()}, "draft": data["draft"]}
+    log.info("measuring the target's cost against tree size (once for this machine)")
+    data = {"target": measure_tree_costs(target, COST_SIZES), "draft": decode_seconds(draft),
+            "target_name": target_name, "draft_name": draft_name,
+            "threads": torch.get_num_threads()}
+    write_json_atomic(path, data)
+    return {"target": data["target"], "draft": data["draft"]}
+
+
+def _interpolate(costs: dict, n: int) -> float:
+    sizes = sorted(costs)
+    if n <= sizes[0]:
+        return costs[sizes[0]]
+    for lo, hi in zip(sizes, sizes[1:]):
+        if n <= hi:
+            return costs[lo] + (costs[hi] - costs[lo]) * (n - lo) / (hi - lo)
+    lo, hi = sizes[-2], sizes[-1]
+    return costs[hi] + (costs[hi] - costs[lo]) * (n - hi) / (hi - lo)
+
+
+def choose_budget(costs: dict, acceptance: Sequence[float], max_budget: int = 64) -> tuple[int, list[dict]]:
+    """The tree budget with the most expected tokens per second.
+
+    For each budget N, the expected tokens per step are ``1 + E[accepted]`` of Sequoia's best
+    tree for the measured ``acceptance`` vector, and a step costs one target pass over ``N + 1``
+    tokens plus one draft call per tree layer.
+    """
+    from pertoken.speculative.draft_tree import expected_accepted, static_shape
+
+    rows = []
+    for n in range(1, max_budget + 1):
+        shape = static_shape(acceptance, n)
+        depth = [0] * len(shape)
+        for i in range(1, len(shape)):
+            depth[i] = depth[shape[i]] + 1
+        tokens = 1 + expected_accepted(acceptance, shape)
+        seconds = _interpolate(costs["target"], n + 1) + max(depth) * costs["draft"]
+        rows.append({"budget": n, "expected_tokens_per_call": tokens,
+                     "expected_tokens_per_second": tokens / seconds})
+    best = max(rows, key=lambda r: r["expected_tokens_per_second"])
+    return best["budget"], rows
+
+
+def auto_budget(target, draft, tokenizer, target_name: str, draft_name: str,
+                temperature: float, top_k: int = 0, top_p: float = 1.0) -> int:
+    """``--budget auto``: the budget from this machine's cost curve and the acceptance vector
+    measured on four wiki-en training prompts (both cached)."""
+    from pertoken.atomic import write_json_atomic
+    from pertoken.models import cache_dir
+
+    costs = cost_curve(target, draft, target_name, draft_name)
+    key = hashlib.sha256(f"{target_name}|{draft_name}|{temperature}|{top_k}|{top_p}".encode())
+    path = cache_dir() / "speculative" / f"acceptance-{key.hexdigest()[:16]}.json"
+    if path.is_file():
+        acceptance = json.loads(path.read_text())
+    else:
+        log.info("measuring the draft's acceptance (once for this pair of models)")
+        prompts = load_prompts("wiki-en:4", tokenizer, split="train")
+        acceptance = measure_acceptance(target, draft, prompts, temperature, top_k=top_k,
+                                        top_p=top_p, eos_token_id=tokenizer.eos_token_id)
+        write_json_atomic(path, acceptance)
+    budget, _ = choose_budget(costs, acceptance)
+    log.info("auto budget: %d", budget)
+    return budget
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    draft: str
+    methods: list[str]
+    budgets: list[int | str]
+    temperatures: list[float]
+    prompts: str = "wiki-en:8"
+    max_new_tokens: int = 128
+    prompt_tokens: int = 128
+    repeats: int = 3
+    dtype: str = "float32"
+    top_k: int = 0
+    top_p: float = 1.0
+    calibration_prompts: int = 4
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from pertoken.speculative.generate import check_settings
+
+        bad = [m for m in self.methods if m not in METHOD_CHOICES]
+        if bad:
+            raise UserError(f"unknown method {bad[0]!r}: choose from {', '.join(METHOD_CHOICES)}")
+        for t in self.temperatures:
+            check_settings(t, self.top_p, 1)
+        for b in self.budgets:
+            if b != "auto" and (not isinstance(b, int) or b < 1):
+                raise UserError(f"budget must be a positive number or auto, got {b!r}")
+        if self.repeats < 1 or self.max_new_tokens < 1:
+            raise UserError("repeats and max-new-tokens must be positive")
+
+
+class _CallCounter:
+    """Counts forward calls of a module (for transformers' own generate loops)."""
+
+    def __init__(self, model) -> None:
+        self.calls = 0
+        self._handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, *args) -> None:
+        self.calls += 1
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def _hf_generate(target, draft, prompt, budget, temperature, cfg: BenchConfig, eos):
+    counter = _CallCounter(target)
+    kwargs = {"max_new_tokens": cfg.max_new_tokens, "eos_token_id": eos,
+              "pad_token_id": eos if eos is not None else 0}
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_k=cfg.top_k or None,
+                      top_p=cfg.top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    if draft is not None:
+        kwargs["assistant_model"] = draft
+        if budget is not None:
+            kwargs.update(num_assistant_tokens=budget, num_assistant_tokens_schedule="constant")
+    ids = torch.tensor([list(prompt)])
+    try:
+        with torch.inference_mode():
+            out = target.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    finally:
+        counter.close()
+    tokens = out[0, ids.shape[1]:].tolist()
+    # every target call counts: the first one (the prompt) yields the first token, as a
+    # verification pass does in our loop, whose prefill of the prompt less its last token
+    # yields none
+    return tokens, counter.calls, []
+
+
+def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True) -> dict:
+    """Every (method, budget, temperature) on the same prompts in this process; the repeats
+    loop is outermost so that each configuration sees the same machine conditions."""
+    from tqdm.auto import tqdm
+
+    from pertoken.speculative.generate import generate
+
+    cfg.validate()
+    eos = tokenizer.eos_token_id
+    prompts = load_prompts(cfg.prompts, tokenizer, cfg.prompt_tokens)
+    name = cfg.prompts.rpartition(":")[0]
+    calibration = load_prompts(f"{name}:{cfg.calibration_prompts}", tokenizer, cfg.prompt_tokens,
+                               split="train" if name != "chat" else "heldout",
+                               skip=int(cfg.prompts.rpartition(":")[2]) if name == "chat" else 0)
+    needs_draft = any(m not in ("ar", "hf-ar") for m in cfg.methods)
+    if needs_draft and draft is None:
+        raise UserError("these methods need a --draft model")
+    acceptance, costs, auto = {}, None, {}
+    uses_tree_model = any(m in ("tree",) for m in cfg.methods) or "auto" in cfg.budgets
+    if needs_draft and uses_tree_model:
+        for t in cfg.temperatures:
+            acceptance[t] = measure_acceptance(target, draft, calibration, t, top_k=cfg.top_k,
+                                               top_p=cfg.top_p, eos_token_id=eos)
+            log.info("acceptance at T=%s: %s", t, [round(a, 3) for a in acceptance[t]])
+    if "auto" in cfg.budgets:
+        costs = cost_curve(target, draft, cfg.model, cfg.draft)
+        for t in cfg.temperatures:
+            auto[t] = choose_budget(costs, acceptance[t])[0]
+
+    configs = []
+    for t in cfg.temperatures:
+        for method in cfg.methods:
+            if method in ("ar", "hf-ar"):
+                configs.append((method, None, t))
+                continue
+            budgets = list(cfg.budgets)
+            if method == "hf-assisted":
+                budgets = [None] + [b for b in budgets if b != "auto"]  # None: HF's defaults
+            for b in budgets:
+                configs.append((method, auto[t] if b == "auto" else b, t, b == "auto"))
+    configs = [c if len(c) == 4 else (*c, False) for c in configs]
+
+    runs: dict[tuple, list[dict]] = {c: [] for c in configs}
+    bar = tqdm(total=cfg.repeats * len(configs) * len(prompts), desc="speculative bench",
+               disable=not progress, unit="gen")
+    for repeat in range(cfg.repeats):
+        for config in configs:
+            method, budget, t, _ = config
+            total_tokens = calls = 0
+            histogram: Counter[int] = Counter()
+            seconds = 0.0
+            outputs = []
+            for i, prompt in enumerate(prompts):
+                seed = cfg.seed + 1000 * repeat + i
+                start = time.perf_counter()
+                if method.startswith("hf-"):
+                    torch.manual_seed(seed)
+                    tokens, n_calls, accepted = _hf_generate(
+                        target, draft if method == "hf-assisted" else None, prompt, budget, t,
+                        cfg, eos)
+                else:
+                    shape = None
+                    if method == "tree":
+                        from pertoken.speculative.draft_tree import static_shape
+
+                        shape = static_shape(acceptance[t], budget)
+                    out = generate(target, draft if method != "ar" else None, list(prompt),
+                                   method=method, budget=budget or 1, temperature=t,
+                                   top_k=cfg.top_k, top_p=cfg.top_p,
+                                   max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
+                                   seed=seed, tree_shape=shape)
+                    tokens, n_calls = out.tokens, len(out.steps)
+                    accepted = [s.accepted for s in out.steps]
+                seconds += time.perf_counter() - start
+                total_tokens += len(tokens)
+                calls += n_calls
+                histogram.update(accepted)
+                outputs.append(tokens)
+                bar.update(1)
+            runs[config].append({"tokens": total_tokens, "calls": calls, "seconds": seconds,
+                                 "histogram": {str(k): v for k, v in sorted(histogram.items())},
+                                 "outputs": outputs})
+    bar.close()
+
+    results = []
+    ar_speed = {}
+    for config in configs:
+        method, budget, t, is_auto = config
+        reps = runs[config]
+        tps = statistics.median(r["tokens"] / r["seconds"] for r in reps)
+        row = {"method": method, "budget": budget, "temperature": t,
+               "tokens_per_call": reps[0]["tokens"] / max(reps[0]["calls"], 1),
+               "tokens_per_second": tps, "auto_budget": is_auto,
+               "tokens": reps[0]["tokens"], "target_calls": reps[0]["calls"],
+               "accepted_histogram": reps[0]["histogram"],
+               "tokens_per_second_runs": [r["tokens"] / r["seconds"] for r in reps]}
+        if t == 0:
+            row["same_output_as_ar"] = None
+        results.append(row)
+        if method == "ar":
+            ar_speed[t] = tps
+    for row, config in zip(results, configs):
+        row["speedup_vs_ar"] = (row["tokens_per_second"] / ar_speed[row["temperature"]]
+                                if row["temperature"] in ar_speed else None)
+        if row["temperature"] == 0 and "ar" in cfg.methods:
+            ar_config = next(c for c in configs if c[0] == "ar" and c[2] == 0)
+            row["same_output_as_ar"] = runs[config][0]["outputs"] == runs[ar_config][0]["outputs"]
+    return {"model": cfg.model, "draft": cfg.draft, "threads": torch.get_num_threads(),
+            "dtype": cfg.dtype, "prompts": cfg.prompts, "max_new_tokens": cfg.max_new_tokens,
+            "repeats": cfg.repeats, "acceptance": {str(k): v for k, v in acceptance.items()},
+            "auto_budget": {str(k): v for k, v in auto.items()},
+            "costs": ({"target_ms": {str(k): 1000 * v for k, v in costs["target"].items()},
+                       "draft_ms": 1000 * costs["draft"]} if costs else None),
+            "results": results}

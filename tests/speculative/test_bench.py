@@ -1,0 +1,86 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pertoken.errors import UserError
+from pertoken.models import tiny_llama
+from pertoken.speculative.bench import (BenchConfig, choose_budget, load_prompts,
+                                        measure_acceptance, run_bench)
+
+
+@pytest.fixture(scope="module")
+def models():
+    target, tok = tiny_llama(seed=5, num_hidden_layers=2, hidden_size=64, intermediate_size=128)
+    draft, _ = tiny_llama(seed=6, num_hidden_layers=1, hidden_size=32, intermediate_size=64)
+    return target, draft, tok
+
+
+def test_bench_rows_are_consistent_and_greedy_outputs_agree(models):
+    target, draft, tok = models
+    cfg = BenchConfig(model="t", draft="d", methods=["ar", "hf-ar", "chain", "tree", "dyspec",
+                                                     "hf-assisted"],
+                      budgets=[3, "auto"], temperatures=[0.0, 1.0], prompts="chat:2",
+                      max_new_tokens=10, repeats=2, calibration_prompts=2)
+    result = run_bench(target, draft, tok, cfg, progress=False)
+    assert {"model", "draft", "threads", "results"} <= set(result)
+    rows = result["results"]
+    for row in rows:
+        assert {"method", "budget", "temperature", "tokens_per_call", "tokens_per_second",
+                "speedup_vs_ar"} <= set(row)
+        assert row["tokens_per_call"] >= 1.0
+        if row["method"] in ("ar", "hf-ar"):
+            assert row["tokens_per_call"] == 1.0
+        if row["temperature"] == 0:
+            assert row["same_output_as_ar"], row  # every method is exact at T=0 in fp32
+        assert len(row["tokens_per_second_runs"]) == 2
+    methods = {(r["method"], r["auto_budget"]) for r in rows}
+    assert ("dyspec", True) in methods and ("hf-assisted", False) in methods
+    assert json.loads(json.dumps(result)) == result
+
+
+def test_acceptance_of_a_draft_equal_to_the_target_is_all_rank_zero_when_greedy(models):
+    target, _, tok = models
+    prompts = load_prompts("chat:2", tok)
+    acc = measure_acceptance(target, target, prompts, 0.0, width=4, max_new_tokens=8)
+    assert acc == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_budget_follows_the_cost_curve():
+    acceptance = [0.5, 0.2, 0.1, 0.05]
+    flat = {"target": {1: 1.0, 64: 1.0, 128: 1.0}, "draft": 0.0}
+    steep = {"target": {1: 1.0, 2: 2.0, 128: 128.0}, "draft": 0.0}
+    assert choose_budget(flat, acceptance)[0] == 64
+    assert choose_budget(steep, acceptance)[0] == 1
+    best, rows = choose_budget({"target": {1: 1.0, 8: 1.2, 16: 1.6, 64: 6.0}, "draft": 0.05},
+                               acceptance)
+    assert 1 < best < 64 and len(rows) == 64
+
+
+@pytest.mark.parametrize("spec", ["wiki-en", "chat:0", "chat:x", "chat:100"])
+def test_bad_prompt_specs_are_user_errors(models, spec):
+    with pytest.raises(UserError):
+        load_prompts(spec, models[2])
+
+
+def test_cli_bench_writes_json_and_rejects_bad_input(tmp_path, models):
+    target, draft, tok = models
+    for name, model in (("target", target), ("draft", draft)):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    base = [sys.executable, "-m", "pertoken", "speculative", "bench", "--model",
+            str(tmp_path / "target"), "--draft", str(tmp_path / "draft"), "--prompts", "chat:1",
+            "--max-new-tokens", "6", "--repeats", "1"]
+    out = tmp_path / "bench.json"
+    done = subprocess.run(base + ["--methods", "ar,dyspec", "--budgets", "2",
+                                  "--temperatures", "0", "--json", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert [r["method"] for r in result["results"]] == ["ar", "dyspec"]
+    for bad, needle in ((["--methods", "ar,nope"], "nope"), (["--budgets", "0"], "budget"),
+                        (["--temperatures", "-1"], "temperature"), (["--top-p", "0"], "top-p")):
+        done = subprocess.run(base + bad, capture_output=True, text=True)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], done.stderr
