@@ -8,34 +8,39 @@ So far:
   without replacement (heap construction, Alg. 1; layer-wise threshold, Alg. 2), or a
   chain for classic speculative sampling;
 - :mod:`pertoken.speculative.verify`: recursive rejection sampling and greedy verification;
-- :mod:`pertoken.speculative.generate`: the decoding loop for ``ar``, ``chain``, ``dyspec`` and ``dyspec-heap``.
+- :mod:`pertoken.speculative.generate`: the decoding loop for ``ar``, ``chain``, ``tree``
+  (Sequoia's static tree), ``dyspec`` and ``dyspec-heap``;
+- :mod:`pertoken.speculative.draft_train`: distil a small draft for a target;
+- :mod:`pertoken.speculative.bench`: acceptance, cost curve, automatic budget and the
+  side-by-side benchmark.
 """
 
-import importlib
+from pertoken._lazy import lazy_exports
 
-# Exports load on first use (PEP 562), so that importing the CLI stays light.
-_EXPORTS = {
+__all__, __getattr__ = lazy_exports(__name__, {
     "DraftTree": "pertoken.speculative.verify",
     "GenerateOutput": "pertoken.speculative.generate",
+    "BenchConfig": "pertoken.speculative.bench",
+    "DraftTrainConfig": "pertoken.speculative.draft_train",
     "accepted_keep": "pertoken.speculative.tree",
+    "auto_budget": "pertoken.speculative.bench",
+    "choose_budget": "pertoken.speculative.bench",
     "chain_tree": "pertoken.speculative.draft_tree",
     "compact_cache": "pertoken.speculative.tree",
     "depths": "pertoken.speculative.tree",
     "generate": "pertoken.speculative.generate",
     "heap_tree": "pertoken.speculative.draft_tree",
+    "measure_acceptance": "pertoken.speculative.bench",
     "race_order": "pertoken.speculative.draft_tree",
+    "run_bench": "pertoken.speculative.bench",
+    "static_shape": "pertoken.speculative.draft_tree",
+    "static_tree": "pertoken.speculative.draft_tree",
     "threshold_tree": "pertoken.speculative.draft_tree",
     "tree_attention_mask": "pertoken.speculative.tree",
     "tree_forward": "pertoken.speculative.tree",
+    "train_draft": "pertoken.speculative.draft_train",
     "tree_position_ids": "pertoken.speculative.tree",
     "verify_greedy": "pertoken.speculative.verify",
     "verify_sampling": "pertoken.speculative.verify",
     "warp": "pertoken.speculative.generate",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+})

@@ -63,7 +63,8 @@ def _train_draft(args) -> int:
 
     from pertoken.data import open_corpus
     from pertoken.models import load_model, resolve
-    from pertoken.speculative.draft_train import DraftTrainConfig, decode_seconds, train_draft
+    from pertoken.speculative.draft_train import (DraftTrainConfig, check_output, decode_seconds,
+                                                  train_draft)
 
     cfg = DraftTrainConfig(hidden_size=args.hidden_size, num_hidden_layers=args.layers,
                            num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -72,6 +73,7 @@ def _train_draft(args) -> int:
                            lr=args.lr, top_k=args.top_k, checkpoint_every=args.checkpoint_every,
                            seed=args.seed)
     cfg.validate()
+    check_output(args.output, args.resume)
     resolve(args.target)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -188,6 +189,16 @@ def _save_draft(draft, tokenizer, out: Path, info: dict) -> None:
     write_json_atomic(out / "pertoken-draft.json", info)
 
 
+def check_output(out: str | Path, resume: bool) -> None:
+    """Refuse to start over an unfinished run, or to resume nothing (before any work)."""
+    checkpoint = Path(out) / ".train" / "checkpoint.pt"
+    if checkpoint.exists() and not resume:
+        raise UserError(f"{out} holds an unfinished training run: pass --resume to continue it, "
+                        "or choose another folder")
+    if resume and not checkpoint.exists():
+        raise UserError(f"nothing to resume in {out}")
+
+
 def train_draft(target, tokenizer, documents, out: str | Path, cfg: DraftTrainConfig,
                 resume: bool = False, target_name: str = "", progress: bool = True) -> dict:
     """Distil a draft for ``target`` on ``documents`` into the folder ``out``; return its stats.
@@ -199,13 +210,9 @@ def train_draft(target, tokenizer, documents, out: str | Path, cfg: DraftTrainCo
 
     cfg.validate()
     out = Path(out)
+    check_output(out, resume)
     state_dir = out / ".train"
     checkpoint = state_dir / "checkpoint.pt"
-    if checkpoint.exists() and not resume:
-        raise UserError(f"{out} holds an unfinished training run: pass --resume to continue it, "
-                        "or choose another folder")
-    if resume and not checkpoint.exists():
-        raise UserError(f"nothing to resume in {out}")
     state_dir.mkdir(parents=True, exist_ok=True)
 
     tokens_path = state_dir / "tokens.npy"
@@ -268,7 +275,7 @@ def train_draft(target, tokenizer, documents, out: str | Path, cfg: DraftTrainCo
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
         optimizer.step()
         step += 1
-        window.append((float(loss), float(agree)))
+        window.append((loss.item(), agree.item()))
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean([w[0] for w in window[-20:]]):.3f}",
                         top1=f"{np.mean([w[1] for w in window[-20:]]):.3f}")
@@ -277,15 +284,15 @@ def train_draft(target, tokenizer, documents, out: str | Path, cfg: DraftTrainCo
                             "top1_agreement": float(np.mean([w[1] for w in window])),
                             "seconds": time.perf_counter() - start})
             window = []
-            draft.eval()
-            _save_draft(draft, tokenizer, out, {**info, "step": step, "history": history})
-            draft.train()
             with atomic_path(checkpoint) as tmp:
                 torch.save({"draft": draft.state_dict(), "optimizer": optimizer.state_dict(),
                             "step": step, "history": history, "config": asdict(cfg)}, tmp)
+            draft.eval()  # a usable draft folder at every checkpoint
+            _save_draft(draft, tokenizer, out, {**info, "step": step, "history": history})
+            draft.train()
     bar.close()
     draft.eval()
     info.update(step=step, history=history)
     _save_draft(draft, tokenizer, out, info)
-    checkpoint.unlink(missing_ok=True)
+    shutil.rmtree(state_dir, ignore_errors=True)  # done: the folder is a plain model folder
     return info

@@ -10,10 +10,9 @@ digit groups split off, so tokens can bridge spaces ("ĠbyĠtheĠway").
 - :func:`score_tokenizers`: bytes per token, relative tokens, superwords, encode speed.
 """
 
-import importlib
+from pertoken._lazy import lazy_exports
 
-# Exports load on first use (PEP 562), so that importing the CLI stays light.
-_EXPORTS = {
+__all__, __getattr__ = lazy_exports(__name__, {
     "SuperBPEConfig": "pertoken.superbpe.trainer",
     "extend_merges": "pertoken.superbpe.extend",
     "load_any_tokenizer": "pertoken.superbpe.evaluate",
@@ -24,11 +23,4 @@ _EXPORTS = {
     "score_tokenizers": "pertoken.superbpe.evaluate",
     "train_superbpe": "pertoken.superbpe.trainer",
     "word_count": "pertoken.superbpe.pretokenizers",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+})

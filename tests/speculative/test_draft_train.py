@@ -1,0 +1,106 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pertoken.errors import UserError
+from pertoken.models import load_model, tiny_llama
+from pertoken.speculative import draft_train
+from pertoken.speculative.draft_train import (DraftTrainConfig, decode_seconds, distill_loss,
+                                              init_draft, train_draft)
+
+DOCS = [f"Document {i}: the quick brown fox jumps over the lazy dog {i % 7} times. " * 3
+        for i in range(40)]
+
+
+def _cfg(**kw):
+    base = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                intermediate_size=32, seq_len=32, batch_size=4, train_tokens=32 * 4 * 12,
+                lr=1e-2, warmup_steps=2, top_k=8, checkpoint_every=4)
+    base.update(kw)
+    return DraftTrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    model, tok = tiny_llama(seed=3, num_hidden_layers=2, hidden_size=64, intermediate_size=128)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4)
+    return model, tok
+
+
+def test_distill_loss_matches_a_slow_reference():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(3, 5, 20, generator=g), torch.randn(3, 5, 20, generator=g)
+    loss, agree = distill_loss(student, teacher, 4)
+    want, hits = 0.0, 0
+    for i in range(3):
+        for j in range(5):
+            top = sorted(range(20), key=lambda v: -float(teacher[i, j, v]))[:4]
+            weights = torch.softmax(teacher[i, j, top], -1)
+            logq = torch.log_softmax(student[i, j], -1)
+            want -= float(sum(w * logq[v] for w, v in zip(weights, top)))
+            hits += int(student[i, j].argmax()) == top[0]
+    assert float(loss) == pytest.approx(want / 15, rel=1e-5)
+    assert float(agree) == pytest.approx(hits / 15)
+
+
+def test_draft_shares_the_vocabulary_and_starts_from_the_target_embedding(teacher):
+    target, _ = teacher
+    draft = init_draft(target, _cfg())
+    assert draft.config.vocab_size == target.config.vocab_size
+    assert draft.config.eos_token_id == target.config.eos_token_id
+    assert draft.lm_head.weight.data_ptr() == draft.get_input_embeddings().weight.data_ptr()
+    # token similarities survive the projection better than chance
+    t = torch.nn.functional.normalize(target.get_input_embeddings().weight.float(), dim=-1)
+    d = torch.nn.functional.normalize(draft.get_input_embeddings().weight.float(), dim=-1)
+    sims_t, sims_d = (t @ t.T).flatten(), (d @ d.T).flatten()
+    assert torch.corrcoef(torch.stack([sims_t, sims_d]))[0, 1] > 0.5
+
+
+def test_training_lowers_the_loss_and_writes_a_model_folder(teacher, tmp_path):
+    target, tok = teacher
+    info = train_draft(target, tok, DOCS, tmp_path / "d", _cfg(), progress=False)
+    history = info["history"]
+    assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
+    draft, draft_tok = load_model(str(tmp_path / "d"))
+    assert draft.config.vocab_size == target.config.vocab_size
+    assert draft_tok.eos_token_id == tok.eos_token_id
+    assert not (tmp_path / "d" / ".train").exists()
+    assert decode_seconds(draft, context=8, repeats=2) > 0
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(teacher, tmp_path, monkeypatch):
+    target, tok = teacher
+    train_draft(target, tok, DOCS, tmp_path / "full", _cfg(), progress=False)
+    saved = draft_train._save_draft
+    calls = []
+
+    def crash_after_first(*args, **kwargs):
+        saved(*args, **kwargs)
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(draft_train, "_save_draft", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        train_draft(target, tok, DOCS, tmp_path / "cut", _cfg(), progress=False)
+    monkeypatch.setattr(draft_train, "_save_draft", saved)
+    with pytest.raises(UserError, match="resume"):
+        train_draft(target, tok, DOCS, tmp_path / "cut", _cfg(), progress=False)
+    with pytest.raises(UserError, match="other settings"):
+        train_draft(target, tok, DOCS, tmp_path / "cut", _cfg(lr=0.5), resume=True, progress=False)
+    train_draft(target, tok, DOCS, tmp_path / "cut", _cfg(), resume=True, progress=False)
+    a, b = load_model(str(tmp_path / "full"))[0], load_model(str(tmp_path / "cut"))[0]
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x, y, atol=1e-6), name
+
+
+@pytest.mark.parametrize("bad,needle", [(["--hidden-size", "10", "--heads", "4"], "multiple"),
+                                        (["--resume"], "nothing to resume"),
+                                        (["--target", "/no/such/model"], "no model")])
+def test_cli_train_draft_bad_input_is_one_line(tmp_path, bad, needle):
+    done = subprocess.run([sys.executable, "-m", "pertoken", "speculative", "train-draft", "-o",
+                           str(tmp_path / "x"), *bad], capture_output=True, text=True)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], done.stderr
