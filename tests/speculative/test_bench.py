@@ -84,3 +84,17 @@ def test_cli_bench_writes_json_and_rejects_bad_input(tmp_path, models):
         done = subprocess.run(base + bad, capture_output=True, text=True)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], done.stderr
+
+
+def test_cost_curve_is_measured_once_and_cached(models, monkeypatch):
+    from pertoken.speculative import bench
+
+    target, draft, _ = models
+    first = bench.cost_curve(target, draft, "t", "d")
+    assert sorted(first["target"]) == list(bench.COST_SIZES) and first["draft"] > 0
+
+    def fail(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(bench, "measure_tree_costs", fail)
+    assert bench.cost_curve(target, draft, "t", "d") == first
