@@ -142,8 +142,10 @@ def main() -> None:
     columns = ["prompts", "dtype", "method", "budget", "temperature", "tokens_per_call",
                "tokens_per_second", "speedup_vs_ar", "auto", "same_as_ar"]
     markdown = (f"# Speculative decoding: {args.model} with a distilled draft\n\n"
-                f"{args.threads} torch thread(s) per cell, {args.max_new_tokens} new tokens per "
-                f"prompt, median of {args.repeats} runs.\n\n## Summary\n\n"
+                f"{args.threads} torch thread(s) per cell; per cell (prompts, dtype): new tokens "
+                f"per prompt and repeats (the median is quoted): "
+                + ", ".join(f"{c['prompts']} {c['dtype']}: {c['max_new_tokens']} x{c['repeats']}"
+                            for c in results) + ".\n\n## Summary\n\n"
                 + markdown_table(summary, list(summary[0].keys()) if summary else [])
                 + "\n## All runs\n\n" + markdown_table(table_rows, columns))
     path = write_results(Path(args.results_dir), "speculative", result, markdown)
