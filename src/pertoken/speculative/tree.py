@@ -83,8 +83,14 @@ def compact_cache(cache, keep: torch.Tensor | Sequence[int]) -> None:
     After a tree pass over a prefix of ``P`` tokens, ``keep = [0..P) + [P + i for the root and
     the accepted nodes]``; their RoPE positions already equal their final positions.
     """
+    keep = torch.as_tensor(keep, dtype=torch.long)
+    n = keep.numel()
+    if bool((keep == torch.arange(n)).all()):  # a prefix (plain decoding, a whole chain): a view
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
+        return
     for layer in cache.layers:
-        index = torch.as_tensor(keep, dtype=torch.long, device=layer.keys.device)
+        index = keep.to(layer.keys.device)
         layer.keys = layer.keys.index_select(-2, index)
         layer.values = layer.values.index_select(-2, index)
 
