@@ -13,11 +13,12 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from pertoken.errors import UserError
+from pertoken.speculative.methods import BENCH_METHODS as METHOD_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,6 @@ CHAT_PROMPTS = (
     "Give me advice on preparing for a job interview.",
 )
 """Built-in chat prompts (``--prompts chat:N``), written for this project."""
-
-from pertoken.speculative.methods import BENCH_METHODS as METHOD_CHOICES  # noqa: E402
 
 
 def load_prompts(spec: str, tokenizer, prompt_tokens: int = 128, split: str = "heldout",
@@ -195,13 +194,12 @@ def choose_budget(costs: dict, acceptance: Sequence[float], max_budget: int = 64
     tokens plus one draft call per tree layer.
     """
     from pertoken.speculative.draft_tree import expected_accepted, static_shape
+    from pertoken.speculative.tree import depths
 
     rows = []
     for n in range(1, max_budget + 1):
         shape = static_shape(acceptance, n)
-        depth = [0] * len(shape)
-        for i in range(1, len(shape)):
-            depth[i] = depth[shape[i]] + 1
+        depth = depths(shape)
         tokens = 1 + expected_accepted(acceptance, shape)
         seconds = _interpolate(costs["target"], n + 1) + max(depth) * costs["draft"]
         rows.append({"budget": n, "expected_tokens_per_call": tokens,
@@ -249,7 +247,6 @@ class BenchConfig:
     top_p: float = 1.0
     calibration_prompts: int = 4
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         from pertoken.speculative.generate import check_settings
@@ -311,6 +308,7 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True)
     loop is outermost so that each configuration sees the same machine conditions."""
     from tqdm.auto import tqdm
 
+    from pertoken.speculative.draft_tree import static_shape
     from pertoken.speculative.generate import generate
 
     cfg.validate()
@@ -324,7 +322,7 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True)
     if needs_draft and draft is None:
         raise UserError("these methods need a --draft model")
     acceptance, costs, auto = {}, None, {}
-    uses_tree_model = any(m in ("tree",) for m in cfg.methods) or "auto" in cfg.budgets
+    uses_tree_model = "tree" in cfg.methods or "auto" in cfg.budgets
     if needs_draft and uses_tree_model:
         for t in cfg.temperatures:
             acceptance[t] = measure_acceptance(target, draft, calibration, t, top_k=cfg.top_k,
@@ -335,18 +333,18 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True)
         for t in cfg.temperatures:
             auto[t] = choose_budget(costs, acceptance[t])[0]
 
-    configs = []
+    configs = []  # (method, budget, temperature, budget chosen by auto)
     for t in cfg.temperatures:
         for method in cfg.methods:
             if method in ("ar", "hf-ar"):
-                configs.append((method, None, t))
+                configs.append((method, None, t, False))
                 continue
             budgets = list(cfg.budgets)
             if method == "hf-assisted":
                 budgets = [None] + [b for b in budgets if b != "auto"]  # None: HF's defaults
             for b in budgets:
                 configs.append((method, auto[t] if b == "auto" else b, t, b == "auto"))
-    configs = [c if len(c) == 4 else (*c, False) for c in configs]
+    shapes = {c: static_shape(acceptance[c[2]], c[1]) for c in configs if c[0] == "tree"}
 
     runs: dict[tuple, list[dict]] = {c: [] for c in configs}
     bar = tqdm(total=cfg.repeats * len(configs) * len(prompts), desc="speculative bench",
@@ -367,16 +365,11 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True)
                         target, draft if method == "hf-assisted" else None, prompt, budget, t,
                         cfg, eos)
                 else:
-                    shape = None
-                    if method == "tree":
-                        from pertoken.speculative.draft_tree import static_shape
-
-                        shape = static_shape(acceptance[t], budget)
                     out = generate(target, draft if method != "ar" else None, list(prompt),
                                    method=method, budget=budget or 1, temperature=t,
                                    top_k=cfg.top_k, top_p=cfg.top_p,
                                    max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
-                                   seed=seed, tree_shape=shape)
+                                   seed=seed, tree_shape=shapes.get(config))
                     tokens, n_calls = out.tokens, len(out.steps)
                     accepted = [s.accepted for s in out.steps]
                 seconds += time.perf_counter() - start

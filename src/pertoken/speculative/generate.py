@@ -177,16 +177,15 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
             tree = DraftTree.root(root)
         else:
             runner.start(p)
-            draft_fn = runner
             common = dict(eos_ids=tuple(eos), generator=draft_gen, deterministic=greedy)
             if method == "chain":
-                tree = chain_tree(root, draft_fn, budget, **common)
+                tree = chain_tree(root, runner, budget, **common)
             elif method == "dyspec-heap":
-                tree = heap_tree(root, draft_fn, budget, **common)
+                tree = heap_tree(root, runner, budget, **common)
             elif method == "tree":
-                tree = static_tree(root, draft_fn, tree_shape, **common)
+                tree = static_tree(root, runner, tree_shape, **common)
             else:
-                tree = threshold_tree(root, draft_fn, threshold=1.0 / (budget + 1),
+                tree = threshold_tree(root, runner, threshold=1.0 / (budget + 1),
                                       budget=budget, **common)
         draft_seconds = time.perf_counter() - start
         start = time.perf_counter()
