@@ -5,7 +5,8 @@ import torch
 
 from pertoken.errors import UserError
 from pertoken.models import (ALIASES, DEFAULT_MODEL, convert_gguf, find_package_file, list_models,
-                             load_model, resolve, tiny_byte_tokenizer, tiny_llama)
+                             load_model, resolve, small_batch_layout, tiny_byte_tokenizer,
+                             tiny_llama)
 
 
 def test_tiny_tokenizer_round_trips_arbitrary_text():
@@ -32,6 +33,24 @@ def test_load_model_from_saved_folder_reproduces_logits(tmp_path, tiny):
     assert torch.equal(model(ids).logits, loaded(ids).logits)
     assert loaded_tok.encode("a small test") == tokenizer.encode("a small test")
     assert not loaded.training
+
+
+def test_small_batch_layout_keeps_values_and_ties():
+    model, _ = tiny_llama(seed=1)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    before = model(ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert small_batch_layout(model) is model
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+    small_batch_layout(model)  # idempotent
+    assert all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)
+    half = tiny_llama(seed=1)[0].to(torch.bfloat16)
+    small_batch_layout(half)  # left alone
+    assert half.lm_head.weight.is_contiguous()
 
 
 def test_load_model_in_bfloat16_and_eager(tmp_path, tiny):

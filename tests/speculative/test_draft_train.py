@@ -98,9 +98,64 @@ def test_an_interrupted_run_resumes_to_the_same_weights(teacher, tmp_path, monke
 
 @pytest.mark.parametrize("bad,needle", [(["--hidden-size", "10", "--heads", "4"], "multiple"),
                                         (["--resume"], "nothing to resume"),
-                                        (["--target", "/no/such/model"], "no model")])
+                                        (["--target", "/no/such/model"], "no model"),
+                                        (["--init", "/no/such/draft"], "not a draft folder"),
+                                        (["--self-chat", "-1"], "self-chat")])
 def test_cli_train_draft_bad_input_is_one_line(tmp_path, bad, needle):
     done = subprocess.run([sys.executable, "-m", "pertoken", "speculative", "train-draft", "-o",
                            str(tmp_path / "x"), *bad], capture_output=True, text=True)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], done.stderr
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_self_chat_samples_whole_conversations_and_resumes(teacher, tmp_path, monkeypatch):
+    target, _ = teacher
+    _, tok = tiny_llama(seed=3)  # a fresh tokenizer, to give it a chat template
+    tok.chat_template = CHATML
+    path = tmp_path / "chats.jsonl"
+    kw = dict(batch_size=2, question_tokens=5, answer_tokens=6, progress=False)
+    chats = draft_train.self_chat(target, tok, 3, path, **kw)
+    assert len(chats) == 3 and len(path.read_text().splitlines()) == 3
+    for text in chats:
+        assert text.startswith("<|im_start|>user\n") and "<|im_end|>\n<|im_start|>assistant\n" in text
+    assert draft_train.self_chat(target, tok, 3, tmp_path / "again.jsonl", **kw) == chats
+    monkeypatch.setattr(target, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    assert draft_train.self_chat(target, tok, 3, path, **kw) == chats  # resumed: nothing to do
+    _, plain = tiny_llama(seed=3)
+    with pytest.raises(UserError, match="chat template"):
+        draft_train.self_chat(target, plain, 1, tmp_path / "x.jsonl", **kw)
+
+
+def test_self_chat_comes_first_and_the_corpus_fills_the_rest(teacher, tmp_path, monkeypatch):
+    target, tok = teacher
+    calls = []
+    real = draft_train.tokenize_corpus
+
+    def spy(tokenizer, documents, max_tokens, *args):
+        documents = list(documents)
+        calls.append((documents[:1], max_tokens))
+        return real(tokenizer, documents, max_tokens, *args)
+
+    monkeypatch.setattr(draft_train, "self_chat", lambda *a, **k: ["a chat " * 20] * 4)
+    monkeypatch.setattr(draft_train, "tokenize_corpus", spy)
+    cfg = _cfg(self_chat=4)
+    train_draft(target, tok, DOCS, tmp_path / "d", cfg, progress=False)
+    assert calls[0][0] == ["a chat " * 20] and calls[0][1] == cfg.train_tokens
+    assert calls[1][0][0] in DOCS and calls[1][1] < cfg.train_tokens
+
+
+def test_init_continues_from_an_existing_draft(teacher, tmp_path):
+    target, tok = teacher
+    train_draft(target, tok, DOCS, tmp_path / "a", _cfg(), progress=False)
+    cfg = _cfg(hidden_size=32, lr=1e-12, init=str(tmp_path / "a"), train_tokens=32 * 4 * 2)
+    train_draft(target, tok, DOCS, tmp_path / "b", cfg, progress=False)
+    a, b = load_model(str(tmp_path / "a"))[0], load_model(str(tmp_path / "b"))[0]
+    assert b.config.hidden_size == 16  # the architecture comes from the initial draft
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x, y, atol=1e-6), name
+    with pytest.raises(UserError, match="not a draft folder"):
+        train_draft(target, tok, DOCS, tmp_path / "c", _cfg(init=str(tmp_path)), progress=False)

@@ -132,7 +132,7 @@ def test_draft_runner_probabilities_and_cache_after_commit():
         ids = prefix + [tree.tokens[i] for i in _path(tree.parents, node)]
         with torch.inference_mode():
             want = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].double() / 0.6, -1)
-        assert torch.allclose(probs, want, atol=1e-5)
+        assert torch.allclose(probs.double(), want, atol=1e-5)
     runner.commit(tree, [0, a, c, 4])  # the whole path, its last node unseen by the draft
     fresh = _prefill(model, prefix + [11, 12, 14, 15])
     assert cache.get_seq_length() == fresh.get_seq_length() == 8

@@ -5,6 +5,7 @@ second, and the side-by-side benchmark behind ``pertoken speculative bench``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -147,8 +148,10 @@ def _machine_key(name: str, model) -> str:
                         if line.startswith("model name")), cpu)
     except OSError:
         pass
+    linear = next((m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
+    layout = "" if linear is None else str(linear.stride())
     parts = [name, str(next(model.parameters()).dtype), str(torch.get_num_threads()),
-             torch.__version__, cpu]
+             torch.__version__, cpu, layout]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -308,7 +311,7 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True)
     loop is outermost so that each configuration sees the same machine conditions."""
     from tqdm.auto import tqdm
 
-    from pertoken.speculative.draft_tree import static_shape
+    from pertoken.speculative.draft_tree import Calibration, static_shape
     from pertoken.speculative.generate import generate
 
     cfg.validate()
@@ -345,6 +348,16 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True)
             for b in budgets:
                 configs.append((method, auto[t] if b == "auto" else b, t, b == "auto"))
     shapes = {c: static_shape(acceptance[c[2]], c[1]) for c in configs if c[0] == "tree"}
+    # DySpec's calibration (draft share -> acceptance) is learnt on the calibration prompts
+    # first, as a running server would have it; every timed run starts from that state
+    calibrations = {}
+    for c in configs:
+        if c[0] in ("dyspec", "dyspec-heap"):
+            calibrations[c] = Calibration()
+            for prompt in calibration:
+                generate(target, draft, list(prompt), method=c[0], budget=c[1], temperature=c[2],
+                         top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                         eos_token_id=eos, seed=cfg.seed, calibration=calibrations[c])
 
     runs: dict[tuple, list[dict]] = {c: [] for c in configs}
     bar = tqdm(total=cfg.repeats * len(configs) * len(prompts), desc="speculative bench",
@@ -369,7 +382,8 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True)
                                    method=method, budget=budget or 1, temperature=t,
                                    top_k=cfg.top_k, top_p=cfg.top_p,
                                    max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
-                                   seed=seed, tree_shape=shapes.get(config))
+                                   seed=seed, tree_shape=shapes.get(config),
+                                   calibration=copy.deepcopy(calibrations.get(config, True)))
                     tokens, n_calls = out.tokens, len(out.steps)
                     accepted = [s.accepted for s in out.steps]
                 seconds += time.perf_counter() - start

@@ -11,7 +11,7 @@ from pertoken.errors import UserError
 def _generate(args) -> int:
     import torch
 
-    from pertoken.models import load_model
+    from pertoken.models import load_model, small_batch_layout
     from pertoken.speculative.generate import check_settings, generate
 
     check_settings(args.temperature, args.top_p, 1 if args.budget == "auto" else args.budget)
@@ -21,6 +21,9 @@ def _generate(args) -> int:
         torch.set_num_threads(args.threads)
     target, tokenizer = load_model(args.model, dtype=args.dtype)
     draft = load_model(args.draft, dtype=args.dtype)[0] if args.method != "ar" else None
+    small_batch_layout(target)
+    if draft is not None:
+        small_batch_layout(draft)
     budget = args.budget
     if budget == "auto":
         from pertoken.speculative.bench import auto_budget
@@ -59,6 +62,9 @@ def _generate(args) -> int:
 
 
 def _train_draft(args) -> int:
+    import itertools
+    from pathlib import Path
+
     import torch
 
     from pertoken.data import open_corpus
@@ -71,15 +77,21 @@ def _train_draft(args) -> int:
                            intermediate_size=args.intermediate_size, seq_len=args.seq_len,
                            batch_size=args.batch_size, train_tokens=args.train_tokens,
                            lr=args.lr, top_k=args.top_k, checkpoint_every=args.checkpoint_every,
-                           seed=args.seed)
+                           seed=args.seed, self_chat=args.self_chat, init=args.init or "")
     cfg.validate()
     check_output(args.output, args.resume)
     resolve(args.target)
+    if args.init and not Path(args.init, "config.json").is_file():
+        raise UserError(f"--init {args.init}: not a draft folder (no config.json)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    corpus = open_corpus(args.corpus, text_field=args.text_field)
+    corpora = [open_corpus(name, text_field=args.text_field)
+               for name in args.corpus.split(",") if name]
+    if not corpora:
+        raise UserError("--corpus names no corpus")
     target, tokenizer = load_model(args.target, dtype=args.teacher_dtype)
-    info = train_draft(target, tokenizer, corpus.documents("train"), args.output, cfg,
+    documents = itertools.chain.from_iterable(c.documents("train") for c in corpora)
+    info = train_draft(target, tokenizer, documents, args.output, cfg,
                        resume=args.resume, target_name=args.target)
     # the cost ratio, measured in float32 with the draft just written
     draft = load_model(args.output)[0]
@@ -126,7 +138,7 @@ def _bench(args) -> int:
     import torch
 
     from pertoken.atomic import write_json_atomic
-    from pertoken.models import load_model, resolve
+    from pertoken.models import load_model, resolve, small_batch_layout
     from pertoken.speculative.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(model=args.model, draft=args.draft, methods=args.methods,
@@ -140,6 +152,9 @@ def _bench(args) -> int:
     torch.set_num_threads(args.threads)
     target, tokenizer = load_model(args.model, dtype=args.dtype)
     draft = load_model(args.draft, dtype=args.dtype)[0] if args.draft else None
+    small_batch_layout(target)  # the same model object serves every method, ar included
+    if draft is not None:
+        small_batch_layout(draft)
     if draft is not None and draft.config.vocab_size != target.config.vocab_size:
         raise UserError("the draft and the target have different vocabularies "
                         f"({draft.config.vocab_size} vs {target.config.vocab_size})")
@@ -199,7 +214,13 @@ def add_commands(commands, parser_class, positive_int) -> None:
 
     p = verbs.add_parser("train-draft", help="distil a small draft model for a target")
     p.add_argument("--target", default=DEFAULT_MODEL, help="the target model")
-    p.add_argument("--corpus", default="docs-en", help="training text (train split)")
+    p.add_argument("--corpus", default="docs-en",
+                   help="training text (train split); several as a comma-separated list")
+    p.add_argument("--self-chat", type=int, default=0, metavar="N",
+                   help="first train on N conversations sampled from the target itself "
+                        "(on-policy chat data; generated once, resumable)")
+    p.add_argument("--init", help="start from this draft folder (fine-tuning); the "
+                                  "architecture flags are then taken from it")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
     p.add_argument("-o", "--output", required=True, help="folder for the draft")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pertoken.atomic import atomic_path, write_json_atomic
+from pertoken.atomic import atomic_path, write_json_atomic, write_text_atomic
 from pertoken.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,10 @@ class DraftTrainConfig:
     """longer documents are cut (so long manuals do not crowd out short articles)"""
     checkpoint_every: int = 50
     seed: int = 0
+    self_chat: int = 0
+    """conversations sampled from the target itself (:func:`self_chat`) put before the corpus"""
+    init: str = ""
+    """a draft folder to start from (fine-tuning) instead of a fresh draft"""
 
     def validate(self) -> None:
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "seq_len",
@@ -78,6 +82,8 @@ class DraftTrainConfig:
             raise UserError("attention heads must be a multiple of key-value heads")
         if not self.lr > 0:
             raise UserError(f"learning rate must be positive, got {self.lr}")
+        if self.self_chat < 0:
+            raise UserError(f"self-chat must be >= 0, got {self.self_chat}")
 
     @property
     def steps(self) -> int:
@@ -143,6 +149,71 @@ def tokenize_corpus(tokenizer, documents, max_tokens: int, max_doc_tokens: int,
     return np.concatenate(out)[:max_tokens]
 
 
+def _chat_prefix(tokenizer) -> str:
+    """The chat template's text up to where the first user message begins."""
+    sentinel = "\x00USER\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False)
+    if sentinel not in text:
+        raise UserError("the target's chat template does not place the user's message verbatim")
+    return text[: text.index(sentinel)]
+
+
+@torch.inference_mode()
+def self_chat(target, tokenizer, conversations: int, path: str | Path, batch_size: int = 32,
+              question_tokens: int = 64, answer_tokens: int = 192, temperature: float = 0.8,
+              seed: int = 0, progress: bool = True) -> list[str]:
+    """Sample ``conversations`` chats from the target itself: a user question (sampled after
+    the template's user header), then the target's answer to it in the chat template. This is
+    on-policy data for chat prompts without any dataset. Each batch is appended to the JSONL
+    file ``path`` as it is done, so an interrupted run resumes where it stopped. Returns the
+    conversations as template text."""
+    from tqdm.auto import tqdm
+
+    if not tokenizer.chat_template:
+        raise UserError("--self-chat needs a target with a chat template")
+    path = Path(path)
+    done = [json.loads(line)["text"] for line in path.read_text().splitlines()] if path.exists() else []
+    # (the file is rewritten whole and atomically after each batch, so every line is complete)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stop = [t for t in {end, tokenizer.eos_token_id} if isinstance(t, int) and t >= 0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    prefix = _chat_prefix(tokenizer)
+    bar = tqdm(total=conversations, initial=len(done), desc="self-chat", disable=not progress,
+               unit="chat")
+
+    def sample(prompts: list[list[int]], new_tokens: int, batch_seed: int) -> list[list[int]]:
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        torch.manual_seed(batch_seed)
+        out = target.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                              temperature=temperature, top_k=50,
+                              max_new_tokens=new_tokens, eos_token_id=stop, pad_token_id=pad)
+        rows = []
+        for row in out[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+            rows.append(row[:cut])
+        return rows
+
+    while len(done) < conversations:
+        n = min(batch_size, conversations - len(done))
+        batch_seed = seed * 1_000_003 + len(done)
+        header = tokenizer.encode(prefix, add_special_tokens=False)
+        questions = [tokenizer.decode(q).strip() for q in sample([header] * n, question_tokens, batch_seed)]
+        questions = [q or "Hello!" for q in questions]
+        prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                                      add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)["input_ids"])
+                   for q in questions]
+        answers = sample(prompts, answer_tokens, batch_seed + 1)
+        texts = [tokenizer.decode(p + a) + "<|im_end|>" for p, a in zip(prompts, answers)]
+        done.extend(texts)
+        write_text_atomic(path, "".join(json.dumps({"text": t}) + "\n" for t in done))
+        bar.update(n)
+    bar.close()
+    return done[:conversations]
+
+
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, top_k: int):
     """Cross-entropy of the student against the teacher renormalised over its top ``top_k``
     tokens, and the fraction of positions where their argmax agrees."""
@@ -199,12 +270,32 @@ def check_output(out: str | Path, resume: bool) -> None:
         raise UserError(f"nothing to resume in {out}")
 
 
+def load_init(path: str, target, cfg: DraftTrainConfig):
+    """The draft folder ``path`` to fine-tune, in float32; ``cfg``'s architecture fields are
+    set from it."""
+    from transformers import LlamaForCausalLM
+
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"--init {path}: not a draft folder (no config.json)")
+    draft = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise UserError(f"--init {path} has a vocabulary of {draft.config.vocab_size}, the "
+                        f"target {target.config.vocab_size}")
+    c = draft.config
+    cfg.hidden_size, cfg.num_hidden_layers = c.hidden_size, c.num_hidden_layers
+    cfg.num_attention_heads, cfg.num_key_value_heads = c.num_attention_heads, c.num_key_value_heads
+    cfg.intermediate_size = c.intermediate_size
+    return draft
+
+
 def train_draft(target, tokenizer, documents, out: str | Path, cfg: DraftTrainConfig,
                 resume: bool = False, target_name: str = "", progress: bool = True) -> dict:
     """Distil a draft for ``target`` on ``documents`` into the folder ``out``; return its stats.
 
     ``target`` should be in bfloat16 for speed (it only provides soft labels); the draft trains
-    in float32 with bfloat16 autocast.
+    in float32 with bfloat16 autocast. With ``cfg.self_chat``, that many conversations sampled
+    from the target come first and the corpus fills the rest of ``cfg.train_tokens``; with
+    ``cfg.init``, training starts from that draft.
     """
     from tqdm.auto import tqdm
 
@@ -219,9 +310,17 @@ def train_draft(target, tokenizer, documents, out: str | Path, cfg: DraftTrainCo
     if tokens_path.exists():
         tokens = np.load(tokens_path)
     else:
-        log.info("tokenizing the training corpus")
-        tokens = tokenize_corpus(tokenizer, documents, cfg.train_tokens, cfg.max_doc_tokens,
-                                 cfg.seed)
+        parts = []
+        if cfg.self_chat:
+            chats = self_chat(target, tokenizer, cfg.self_chat, state_dir / "self-chat.jsonl",
+                              seed=cfg.seed, progress=progress)
+            parts.append(tokenize_corpus(tokenizer, chats, cfg.train_tokens, cfg.max_doc_tokens,
+                                         cfg.seed))
+        left = cfg.train_tokens - sum(p.size for p in parts)
+        if left > 0:
+            log.info("tokenizing the training corpus")
+            parts.append(tokenize_corpus(tokenizer, documents, left, cfg.max_doc_tokens, cfg.seed))
+        tokens = np.concatenate(parts)
         with atomic_path(tokens_path) as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, tokens)
@@ -232,7 +331,7 @@ def train_draft(target, tokenizer, documents, out: str | Path, cfg: DraftTrainCo
     sequences = torch.from_numpy(tokens[: n_seq * (cfg.seq_len + 1)].astype(np.int64)).view(
         n_seq, cfg.seq_len + 1)
 
-    draft = init_draft(target, cfg, cfg.seed)
+    draft = load_init(cfg.init, target, cfg) if cfg.init else init_draft(target, cfg, cfg.seed)
     decay = [p for n, p in draft.named_parameters() if p.ndim >= 2]
     rest = [p for n, p in draft.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

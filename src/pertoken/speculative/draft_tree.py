@@ -26,19 +26,73 @@ def race_order(probs: torch.Tensor, generator: torch.Generator | None = None,
                limit: int | None = None, deterministic: bool = False) -> list[int]:
     """A without-replacement sampling order of the tokens with positive probability.
 
-    ``argsort(log(U) / p)`` descending (an exponential race) has the law of drawing one token at
-    a time from the renormalised remainder. Only the first ``limit`` tokens of the order are
-    returned (a partial sort: their law is the same). ``deterministic=True`` orders by
-    probability instead, for greedy decoding, whose exactness does not depend on the drafts.
+    Sorting ``p / E`` descending, with ``E`` independent standard exponentials (an exponential
+    race, i.e. Gumbel-top-k), has the law of drawing one token at a time from the renormalised
+    remainder. Only the first ``limit`` tokens of the order are returned (a partial sort: their
+    law is the same). ``deterministic=True`` orders by probability instead, for greedy
+    decoding, whose exactness does not depend on the drafts.
     """
-    support = torch.nonzero(probs > 0).flatten()
-    k = support.numel() if limit is None else min(limit, support.numel())
+    support = int(torch.count_nonzero(probs))
+    k = support if limit is None else min(limit, support)
+    if k == 0:
+        return []
     if deterministic:
-        keys = probs[support].double()
-    else:
-        u = torch.rand(support.numel(), generator=generator, dtype=torch.float64)
-        keys = torch.log(u) / probs[support].double()
-    return support[torch.topk(keys, k).indices].tolist()
+        return torch.topk(probs, k).indices.tolist()
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return torch.topk(probs / race, k).indices.tolist()
+
+
+class Calibration:
+    """An online map from a drafted token's share (its probability under the renormalised
+    draft it was drawn from) to the chance that verification accepts it, given that its parent
+    was reached and its earlier siblings were rejected (spec §1.5, project policy; DySpec's
+    Hypothesis 1 uses the share itself, and small drafts are over-confident).
+
+    Shares fall in ``bins`` equal bins; each bin's rate starts at its centre with ``prior``
+    pseudo-observations, and the table is the weighted isotonic (non-decreasing) fit of the
+    rates, by pool-adjacent-violators (hand-written: ten bins). Only finished steps feed it, so
+    tree shapes depend on past steps and earlier draws only and verification stays exact.
+    """
+
+    def __init__(self, bins: int = 10, prior: float = 4.0) -> None:
+        self.bins = bins
+        centres = [(i + 0.5) / bins for i in range(bins)]
+        self.tried = [prior] * bins
+        self.hits = [c * prior for c in centres]
+        self.table = centres
+
+    def __call__(self, share: float) -> float:
+        return self.table[min(int(share * self.bins), self.bins - 1)]
+
+    def observe(self, tree: DraftTree, accepted: Sequence[int]) -> None:
+        """Record the children verification examined along the accepted path."""
+        path = [0, *accepted]
+        for i, node in enumerate(path):
+            taken = path[i + 1] if i + 1 < len(path) else None
+            for child in tree.children[node]:
+                if child in tree.shares:
+                    b = min(int(tree.shares[child] * self.bins), self.bins - 1)
+                    self.tried[b] += 1
+                    self.hits[b] += child == taken
+                if child == taken:
+                    break
+        self.table = _isotonic([h / t for h, t in zip(self.hits, self.tried)], self.tried)
+
+
+def _isotonic(values: Sequence[float], weights: Sequence[float]) -> list[float]:
+    """Weighted least-squares non-decreasing fit (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for v, w in zip(values, weights):
+        blocks.append([v, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, w2, c2 = blocks.pop()
+            m1, w1, c1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+    return [m for m, _, c in blocks for _ in range(c)]
+
+
+def _value_share(share: float, calibration: Calibration | None) -> float:
+    return share if calibration is None else calibration(share)
 
 
 DraftFn = Callable[[DraftTree, Sequence[int]], torch.Tensor]
@@ -48,9 +102,10 @@ DraftFn = Callable[[DraftTree, Sequence[int]], torch.Tensor]
 def threshold_tree(root_token: int, draft_fn: DraftFn, threshold: float, budget: int,
                    max_depth: int = 32, eos_ids: Sequence[int] = (),
                    generator: torch.Generator | None = None,
-                   deterministic: bool = False) -> DraftTree:
+                   deterministic: bool = False,
+                   calibration: Calibration | None = None) -> DraftTree:
     """Alg. 2: grow layer by layer while slot values exceed ``threshold``, up to ``budget``
-    drafted nodes (the root not counted)."""
+    drafted nodes (the root not counted). With ``calibration``, values use calibrated shares."""
     tree = DraftTree.root(root_token)
     frontier = [0]
     values = {0: 1.0}
@@ -62,20 +117,18 @@ def threshold_tree(root_token: int, draft_fn: DraftFn, threshold: float, budget:
         for node, dist in zip(frontier, probs):
             tree.draft_probs[node] = dist
             value = values[node]
-            current = dist.double()
+            left = 1.0  # draft mass not drawn yet at this node
             for y in race_order(dist, generator, budget, deterministic):
-                if value <= threshold or len(tree) - 1 >= budget:
+                if value <= threshold or len(tree) - 1 >= budget or left <= 0:
                     break
-                share = float(current[y])
+                mass = float(dist[y])
+                share = min(1.0, mass / left)  # its probability under the renormalised draft
+                left -= mass
                 child = tree.add(node, y)
-                values[child] = value * share
-                value *= 1 - share
-                current = current.clone()
-                current[y] = 0
-                total = current.sum()
-                if total <= 0:
-                    break
-                current /= total
+                tree.shares[child] = share
+                accept = _value_share(share, calibration)
+                values[child] = value * accept
+                value *= 1 - accept
                 if y not in eos_ids:
                     next_frontier.append(child)
         frontier = next_frontier
@@ -85,14 +138,16 @@ def threshold_tree(root_token: int, draft_fn: DraftFn, threshold: float, budget:
 
 def heap_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequence[int] = (),
               generator: torch.Generator | None = None,
-              deterministic: bool = False) -> DraftTree:
-    """Alg. 1: always draw from the pending slot of highest value, up to ``budget`` nodes.
+              deterministic: bool = False,
+              calibration: Calibration | None = None) -> DraftTree:
+    """Alg. 1: always draw from the pending slot of highest value, up to ``budget`` nodes
+    (values from calibrated shares when ``calibration`` is given).
 
     A node's draft distribution is computed (one draft call) when its first slot is drawn.
     """
     tree = DraftTree.root(root_token)
     orders: dict[int, list[int]] = {}
-    current: dict[int, torch.Tensor] = {}
+    left: dict[int, float] = {}  # draft mass not drawn yet, per node
     heap = [(-1.0, 0, 0)]  # (-value, tie-break counter, node)
     counter = 1
     while heap and len(tree) - 1 < budget:
@@ -102,21 +157,21 @@ def heap_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequence
             dist = draft_fn(tree, [node])[0]
             tree.draft_probs[node] = dist
             orders[node] = race_order(dist, generator, budget, deterministic)
-            current[node] = dist.double()
+            left[node] = 1.0
         if not orders[node]:
             continue
         y = orders[node].pop(0)
-        share = float(current[node][y])
+        mass = float(tree.draft_probs[node][y])
+        share = min(1.0, mass / left[node])
+        left[node] -= mass
         child = tree.add(node, y)
-        rest = current[node].clone()
-        rest[y] = 0
-        total = rest.sum()
-        if total > 0:
-            current[node] = rest / total
-            heapq.heappush(heap, (-(value * (1 - share)), counter, node))
+        tree.shares[child] = share
+        accept = _value_share(share, calibration)
+        if orders[node] and left[node] > 0:
+            heapq.heappush(heap, (-(value * (1 - accept)), counter, node))
             counter += 1
         if y not in eos_ids:
-            heapq.heappush(heap, (-(value * share), counter, child))
+            heapq.heappush(heap, (-(value * accept), counter, child))
             counter += 1
     _drop_unused_draft_probs(tree)
     return tree

@@ -19,8 +19,8 @@ import torch
 from transformers import DynamicCache
 
 from pertoken.errors import UserError
-from pertoken.speculative.draft_tree import (chain_tree, heap_tree, static_shape, static_tree,
-                                             threshold_tree)
+from pertoken.speculative.draft_tree import (Calibration, chain_tree, heap_tree, static_shape,
+                                             static_tree, threshold_tree)
 from pertoken.speculative.methods import METHODS
 from pertoken.speculative.tree import accepted_keep, compact_cache, tree_forward
 from pertoken.speculative.verify import DraftTree, verify_greedy, verify_sampling
@@ -55,12 +55,14 @@ class GenerateOutput:
 
 
 def warp(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Target probabilities after temperature, top-k and top-p (rows of ``logits``)."""
-    logits = logits.double() / temperature
+    """Target probabilities after temperature, top-k and top-p (rows of ``logits``), in
+    float64; the softmax itself runs in float32, as transformers' sampling does (a float64
+    softmax over 49k logits costs about 1 ms a row here)."""
+    logits = logits.float() / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1).double()
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         before = sorted_probs.cumsum(-1) - sorted_probs
@@ -68,6 +70,19 @@ def warp(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float 
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+class _WarpedRows:
+    """Rows of :func:`warp` computed when verification first reads them (it reads the root
+    and the accepted nodes, not the whole tree)."""
+
+    def __init__(self, logits: torch.Tensor, temperature: float, top_k: int, top_p: float):
+        self.logits, self.args, self.rows = logits, (temperature, top_k, top_p), {}
+
+    def __getitem__(self, node: int) -> torch.Tensor:
+        if node not in self.rows:
+            self.rows[node] = warp(self.logits[node], *self.args)
+        return self.rows[node]
 
 
 def check_settings(temperature: float, top_p: float, budget: int) -> None:
@@ -119,7 +134,7 @@ class _DraftRunner:
             keep = [i for i in range(self.fed, n) if self.every_node or i in wanted]
             logits = tree_forward(self.model, self.cache, tree.tokens, tree.parents,
                                   start=self.fed, keep=keep)
-            probs = torch.softmax(logits.double() / self.temperature, -1)
+            probs = torch.softmax(logits.float() / self.temperature, -1)
             self.probs.update(zip(keep, probs))
             self.fed = n
         return torch.stack([self.probs[i] for i in nodes])
@@ -136,13 +151,19 @@ class _DraftRunner:
 def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget: int = 8,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              max_new_tokens: int = 64, eos_token_id: int | list[int] | None = None,
-             draft_temperature: float = 0.6, seed: int = 0,
+             draft_temperature: float = 0.6, seed: int = 0, threshold: float | None = None,
+             calibration: Calibration | bool = True,
              tree_shape: list[int] | None = None, on_tokens=None) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` after ``input_ids`` with ``method``.
 
     Greedy when ``temperature == 0``; otherwise the output law is the target's after
     temperature, top-k and top-p. The DySpec tree holds at most ``budget`` drafted tokens and
-    grows while a slot's draft path probability exceeds ``1 / (budget + 1)``. The ``tree``
+    grows while a slot's value exceeds a threshold. Values are path products of the drafts'
+    shares mapped through ``calibration`` (a :class:`Calibration` learnt online from the
+    verified steps; pass one to keep it across calls, or ``False`` for DySpec's raw draft
+    probabilities). ``threshold`` fixes the threshold; by default it starts at
+    ``1 / (budget + 1)`` and adapts after every step so that trees fill the budget (only past
+    steps decide it, so the output law is unchanged). The ``tree``
     method fills the fixed ``tree_shape`` (a parents list, see
     :func:`~pertoken.speculative.draft_tree.static_shape`; by default the shape for
     :data:`DEFAULT_ACCEPTANCE`). At temperature 0 the drafts are the draft's most likely tokens
@@ -170,6 +191,12 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
 
     runner = _DraftRunner(draft, draft_cache, draft_temperature,
                           every_node=method == "dyspec-heap") if method != "ar" else None
+    dynamic = method in ("dyspec", "dyspec-heap")
+    if calibration is True:
+        calibration = Calibration() if dynamic else None
+    elif calibration is False or not dynamic:
+        calibration = None
+    level = threshold if threshold is not None else 1.0 / (budget + 1)
     while len(out.tokens) < max_new_tokens:
         p = target_cache.get_seq_length()
         start = time.perf_counter()
@@ -181,21 +208,25 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
             if method == "chain":
                 tree = chain_tree(root, runner, budget, **common)
             elif method == "dyspec-heap":
-                tree = heap_tree(root, runner, budget, **common)
+                tree = heap_tree(root, runner, budget, calibration=calibration, **common)
             elif method == "tree":
                 tree = static_tree(root, runner, tree_shape, **common)
             else:
-                tree = threshold_tree(root, runner, threshold=1.0 / (budget + 1),
-                                      budget=budget, **common)
+                tree = threshold_tree(root, runner, threshold=level, budget=budget,
+                                      calibration=calibration, **common)
+                if threshold is None:  # aim at trees that just fill the budget
+                    level = min(1.0, level * 1.15) if len(tree) - 1 >= budget else level / 1.15
         draft_seconds = time.perf_counter() - start
         start = time.perf_counter()
         logits = tree_forward(target, target_cache, tree.tokens, tree.parents)
         if greedy:
             accepted, token = verify_greedy(tree, logits)
         else:
-            accepted, token = verify_sampling(tree, warp(logits, temperature, top_k, top_p),
+            accepted, token = verify_sampling(tree, _WarpedRows(logits, temperature, top_k, top_p),
                                               verify_gen)
         target_seconds = time.perf_counter() - start
+        if calibration is not None:
+            calibration.observe(tree, accepted)
         compact_cache(target_cache, accepted_keep(p, [0] + accepted))
         new = [tree.tokens[i] for i in accepted] + [token]
         if runner is not None:

@@ -27,6 +27,8 @@ class DraftTree:
     """children of each node, in the order they were sampled"""
     draft_probs: dict[int, torch.Tensor] = field(default_factory=dict)
     """for each node with children: the draft distribution they were drawn from"""
+    shares: dict[int, float] = field(default_factory=dict)
+    """for each drafted node: its probability under the (renormalised) draft it was drawn from"""
 
     @classmethod
     def root(cls, token: int) -> "DraftTree":
@@ -63,7 +65,8 @@ def verify_sampling(tree: DraftTree, target_probs: torch.Tensor,
     """Recursive rejection sampling down ``tree``.
 
     Args:
-        target_probs: ``(N, V)``, row ``i`` the (warped) target distribution after node ``i``.
+        target_probs: ``(N, V)`` (or anything indexed by node), row ``i`` the (warped) target
+            distribution after node ``i``.
     Returns:
         ``(accepted, token)``: accepted node indices below the root, in order, and the token
         drawn at the end (the correction, or the bonus token at a leaf).
