@@ -3,8 +3,8 @@
 Cells: held-out wiki-en prompts and chat prompts, in float32 and bfloat16. Each cell is one
 ``pertoken speculative bench`` process (1 torch thread) that runs every method on the same
 prompts, repeats outermost, and reports medians; ``--jobs 2`` runs two cells at once, one per
-core (each cell compares methods only within itself). The draft is trained first with
-``pertoken speculative train-draft`` if it is not there (resumable).
+core (each cell compares methods only within itself). Without ``--draft``, the draft is trained
+first with ``pertoken speculative train-draft`` (two resumable stages, see ``ensure_draft``).
 
 Writes docs/results/speculative.json and .md (tables, and plots of tokens per target call
 against the budget). Finished cells are kept under $PERTOKEN_CACHE/bench/speculative and reused
@@ -24,14 +24,23 @@ from pertoken.bench import environment, markdown_table, write_results
 from pertoken.models import DEFAULT_MODEL, cache_dir
 
 
-def ensure_draft(folder: Path, target: str) -> None:
+def _train(folder: Path, extra: list[str]) -> None:
     if (folder / "config.json").is_file() and not (folder / ".train" / "checkpoint.pt").exists():
         return
-    cmd = [sys.executable, "-m", "pertoken", "speculative", "train-draft", "--target", target,
-           "-o", str(folder)]
+    cmd = [sys.executable, "-m", "pertoken", "speculative", "train-draft", "-o", str(folder),
+           *extra]
     if (folder / ".train" / "checkpoint.pt").exists():
         cmd.append("--resume")
     subprocess.run(cmd, check=True)
+
+
+def ensure_draft(folder: Path, target: str) -> None:
+    """The draft recipe: distil on 3M tokens of docs-en, then fine-tune on 512 chats sampled
+    from the target plus wiki-en and docs-en (700k tokens, lr 1e-3). Both stages resume."""
+    base = folder.parent / (folder.name + "-base")
+    _train(base, ["--target", target, "--corpus", "docs-en"])
+    _train(folder, ["--target", target, "--init", str(base), "--self-chat", "512",
+                    "--corpus", "wiki-en,docs-en", "--train-tokens", "700000", "--lr", "1e-3"])
 
 
 def run_cell(args, work: Path, prompts: str, dtype: str) -> dict:
@@ -96,8 +105,12 @@ def main() -> None:
     args = parser.parse_args()
     work = cache_dir() / "bench" / "speculative"
     work.mkdir(parents=True, exist_ok=True)
-    args.draft = args.draft or work / "draft-smollm2"
-    ensure_draft(args.draft, args.model)
+    if args.draft is None:
+        args.draft = work / "draft-smollm2"
+        ensure_draft(args.draft, args.model)
+    elif not (args.draft / "config.json").is_file():
+        print(f"error: --draft {args.draft} is not a draft folder", file=sys.stderr)
+        sys.exit(2)
     draft_info = json.loads((args.draft / "pertoken-draft.json").read_text())
 
     cells = [(p, d) for d in args.dtypes.split(",") for p in args.prompt_sets.split(",")]

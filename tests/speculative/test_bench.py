@@ -40,6 +40,16 @@ def test_bench_rows_are_consistent_and_greedy_outputs_agree(models):
     assert json.loads(json.dumps(result)) == result
 
 
+def test_calibrated_dyspec_bench_stays_exact_when_greedy(models):
+    target, draft, tok = models
+    cfg = BenchConfig(model="t", draft="d", methods=["ar", "dyspec", "dyspec-heap"], budgets=[4],
+                      temperatures=[0.0], prompts="chat:2", max_new_tokens=12, repeats=1,
+                      calibration_prompts=2, calibrate=True)
+    result = run_bench(target, draft, tok, cfg, progress=False)
+    assert result["calibrate"] is True
+    assert all(r["same_output_as_ar"] for r in result["results"])
+
+
 def test_acceptance_of_a_draft_equal_to_the_target_is_all_rank_zero_when_greedy(models):
     target, _, tok = models
     prompts = load_prompts("chat:2", tok)

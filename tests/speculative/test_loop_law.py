@@ -6,6 +6,7 @@ import torch
 
 from pertoken.models import tiny_llama
 from pertoken.speculative import generate as gen_module
+from pertoken.speculative.draft_tree import Calibration
 from pertoken.speculative.generate import generate, warp
 
 PROMPT = [5, 9, 14]
@@ -41,9 +42,12 @@ def _chi2(target, draft, method, n):
     law = _exact_law(target)
     counts = dict.fromkeys(law, 0)
     outside = 0
+    # calibrated DySpec: one calibration learns across all samples, so tree shapes and
+    # thresholds keep changing with past outcomes, which must not bias the output
+    extra = {"calibration": Calibration()} if method == "dyspec-calibrated" else {}
     for seed in range(n):
-        out = generate(target, draft, PROMPT, method=method, budget=3, max_new_tokens=2,
-                       seed=seed, **SETTINGS).tokens
+        out = generate(target, draft, PROMPT, method=method.split("-calibrated")[0], budget=3,
+                       max_new_tokens=2, seed=seed, **SETTINGS, **extra).tokens
         if tuple(out) in counts:
             counts[tuple(out)] += 1
         else:
@@ -54,7 +58,7 @@ def _chi2(target, draft, method, n):
     return p_value, chi2, outside
 
 
-@pytest.mark.parametrize("method", ["dyspec", "chain", "tree"])
+@pytest.mark.parametrize("method", ["dyspec", "dyspec-calibrated", "chain", "tree"])
 def test_sampling_loop_with_top_k_top_p_matches_the_exact_law(models, method):
     target, draft = models
     p_value, chi2, outside = _chi2(target, draft, method, 1000)
@@ -63,9 +67,10 @@ def test_sampling_loop_with_top_k_top_p_matches_the_exact_law(models, method):
 
 
 @pytest.mark.long
-def test_sampling_loop_matches_the_exact_law_at_40k(models):
+@pytest.mark.parametrize("method", ["dyspec", "dyspec-calibrated"])
+def test_sampling_loop_matches_the_exact_law_at_40k(models, method):
     target, draft = models
-    p_value, chi2, outside = _chi2(target, draft, "dyspec", 40_000)
+    p_value, chi2, outside = _chi2(target, draft, method, 40_000)
     assert outside == 0 and p_value > 1e-3, chi2
 
 

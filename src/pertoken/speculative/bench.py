@@ -250,6 +250,8 @@ class BenchConfig:
     top_p: float = 1.0
     calibration_prompts: int = 4
     seed: int = 0
+    calibrate: bool = False
+    """DySpec with values calibrated online (learnt on the calibration prompts first)"""
 
     def validate(self) -> None:
         from pertoken.speculative.generate import check_settings
@@ -352,7 +354,7 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True)
     # first, as a running server would have it; every timed run starts from that state
     calibrations = {}
     for c in configs:
-        if c[0] in ("dyspec", "dyspec-heap"):
+        if cfg.calibrate and c[0] in ("dyspec", "dyspec-heap"):
             calibrations[c] = Calibration()
             for prompt in calibration:
                 generate(target, draft, list(prompt), method=c[0], budget=c[1], temperature=c[2],
@@ -383,7 +385,7 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True)
                                    top_k=cfg.top_k, top_p=cfg.top_p,
                                    max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
                                    seed=seed, tree_shape=shapes.get(config),
-                                   calibration=copy.deepcopy(calibrations.get(config, True)))
+                                   calibration=copy.deepcopy(calibrations.get(config, False)))
                     tokens, n_calls = out.tokens, len(out.steps)
                     accepted = [s.accepted for s in out.steps]
                 seconds += time.perf_counter() - start
@@ -422,6 +424,7 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True)
             row["same_output_as_ar"] = runs[config][0]["outputs"] == runs[ar_config][0]["outputs"]
     return {"model": cfg.model, "draft": cfg.draft, "threads": torch.get_num_threads(),
             "dtype": cfg.dtype, "prompts": cfg.prompts, "max_new_tokens": cfg.max_new_tokens,
+            "calibrate": cfg.calibrate,
             "repeats": cfg.repeats, "acceptance": {str(k): v for k, v in acceptance.items()},
             "auto_budget": {str(k): v for k, v in auto.items()},
             "costs": ({"target_ms": {str(k): 1000 * v for k, v in costs["target"].items()},

@@ -52,7 +52,7 @@ def _generate(args) -> int:
     out = generate(target, draft, list(ids), method=args.method, budget=budget,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                   seed=args.seed, on_tokens=stream)
+                   seed=args.seed, calibration=args.calibrate, on_tokens=stream)
     seconds = time.perf_counter() - start
     sys.stdout.write("\n")
     print(f"[{len(out.tokens)} tokens in {len(out.steps)} target calls "
@@ -144,7 +144,8 @@ def _bench(args) -> int:
     cfg = BenchConfig(model=args.model, draft=args.draft, methods=args.methods,
                       budgets=args.budgets, temperatures=args.temperatures, prompts=args.prompts,
                       max_new_tokens=args.max_new_tokens, prompt_tokens=args.prompt_tokens,
-                      repeats=args.repeats, dtype=args.dtype, top_k=args.top_k, top_p=args.top_p)
+                      repeats=args.repeats, dtype=args.dtype, top_k=args.top_k, top_p=args.top_p,
+                      calibrate=args.calibrate)
     cfg.validate()
     resolve(args.model)
     if args.draft:
@@ -190,6 +191,8 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calibrate", action="store_true",
+                   help="DySpec values from an online acceptance calibration")
     p.add_argument("--threads", type=positive_int, default=None)
     p.set_defaults(func=_generate)
 
@@ -209,6 +212,8 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--calibrate", action="store_true",
+                   help="DySpec values from an online acceptance calibration")
     p.add_argument("--json", help="write the results here")
     p.set_defaults(func=_bench)
 

@@ -152,18 +152,18 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              max_new_tokens: int = 64, eos_token_id: int | list[int] | None = None,
              draft_temperature: float = 0.6, seed: int = 0, threshold: float | None = None,
-             calibration: Calibration | bool = True,
+             calibration: Calibration | bool = False,
              tree_shape: list[int] | None = None, on_tokens=None) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` after ``input_ids`` with ``method``.
 
     Greedy when ``temperature == 0``; otherwise the output law is the target's after
     temperature, top-k and top-p. The DySpec tree holds at most ``budget`` drafted tokens and
-    grows while a slot's value exceeds a threshold. Values are path products of the drafts'
-    shares mapped through ``calibration`` (a :class:`Calibration` learnt online from the
-    verified steps; pass one to keep it across calls, or ``False`` for DySpec's raw draft
-    probabilities). ``threshold`` fixes the threshold; by default it starts at
-    ``1 / (budget + 1)`` and adapts after every step so that trees fill the budget (only past
-    steps decide it, so the output law is unchanged). The ``tree``
+    grows while a slot's value, its draft path probability, exceeds ``threshold`` (default
+    ``1 / (budget + 1)``). With ``calibration`` (``True``, or a :class:`Calibration` to keep
+    across calls) the drafts' shares are first mapped to acceptance rates learnt online from
+    the verified steps, and the default threshold adapts after every step so that trees fill
+    the budget; only past steps decide either, so the output law is unchanged (measured on
+    SmolLM2 it did not beat the raw probabilities, hence off by default). The ``tree``
     method fills the fixed ``tree_shape`` (a parents list, see
     :func:`~pertoken.speculative.draft_tree.static_shape`; by default the shape for
     :data:`DEFAULT_ACCEPTANCE`). At temperature 0 the drafts are the draft's most likely tokens
@@ -214,7 +214,7 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
             else:
                 tree = threshold_tree(root, runner, threshold=level, budget=budget,
                                       calibration=calibration, **common)
-                if threshold is None:  # aim at trees that just fill the budget
+                if threshold is None and calibration is not None:  # fill the budget
                     level = min(1.0, level * 1.15) if len(tree) - 1 >= budget else level / 1.15
         draft_seconds = time.perf_counter() - start
         start = time.perf_counter()
