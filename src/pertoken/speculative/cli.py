@@ -8,10 +8,19 @@ import time
 from pertoken.errors import UserError
 
 
+def _load_pair(model: str, draft: str | None, dtype: str):
+    """``(target, tokenizer, draft or None)``, in the small-batch layout (a no-op but in
+    float32); every method, plain decoding included, then runs on the same model objects."""
+    from pertoken.models import load_model, small_batch_layout
+
+    target, tokenizer = load_model(model, dtype=dtype)
+    return (small_batch_layout(target), tokenizer,
+            small_batch_layout(load_model(draft, dtype=dtype)[0]) if draft else None)
+
+
 def _generate(args) -> int:
     import torch
 
-    from pertoken.models import load_model, small_batch_layout
     from pertoken.speculative.generate import check_settings, generate
 
     check_settings(args.temperature, args.top_p, 1 if args.budget == "auto" else args.budget)
@@ -19,11 +28,8 @@ def _generate(args) -> int:
         raise UserError(f"--method {args.method} needs a --draft model")
     if args.threads:
         torch.set_num_threads(args.threads)
-    target, tokenizer = load_model(args.model, dtype=args.dtype)
-    draft = load_model(args.draft, dtype=args.dtype)[0] if args.method != "ar" else None
-    small_batch_layout(target)
-    if draft is not None:
-        small_batch_layout(draft)
+    target, tokenizer, draft = _load_pair(args.model, args.draft if args.method != "ar" else None,
+                                          args.dtype)
     budget = args.budget
     if budget == "auto":
         from pertoken.speculative.bench import auto_budget
@@ -138,7 +144,7 @@ def _bench(args) -> int:
     import torch
 
     from pertoken.atomic import write_json_atomic
-    from pertoken.models import load_model, resolve, small_batch_layout
+    from pertoken.models import resolve
     from pertoken.speculative.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(model=args.model, draft=args.draft, methods=args.methods,
@@ -151,11 +157,7 @@ def _bench(args) -> int:
     if args.draft:
         resolve(args.draft)
     torch.set_num_threads(args.threads)
-    target, tokenizer = load_model(args.model, dtype=args.dtype)
-    draft = load_model(args.draft, dtype=args.dtype)[0] if args.draft else None
-    small_batch_layout(target)  # the same model object serves every method, ar included
-    if draft is not None:
-        small_batch_layout(draft)
+    target, tokenizer, draft = _load_pair(args.model, args.draft, args.dtype)
     if draft is not None and draft.config.vocab_size != target.config.vocab_size:
         raise UserError("the draft and the target have different vocabularies "
                         f"({draft.config.vocab_size} vs {target.config.vocab_size})")

@@ -164,20 +164,19 @@ def self_chat(target, tokenizer, conversations: int, path: str | Path, batch_siz
               seed: int = 0, progress: bool = True) -> list[str]:
     """Sample ``conversations`` chats from the target itself: a user question (sampled after
     the template's user header), then the target's answer to it in the chat template. This is
-    on-policy data for chat prompts without any dataset. Each batch is appended to the JSONL
-    file ``path`` as it is done, so an interrupted run resumes where it stopped. Returns the
-    conversations as template text."""
+    on-policy data for chat prompts without any dataset. After each batch the JSONL file
+    ``path`` is rewritten atomically with every conversation so far, so an interrupted run
+    resumes where it stopped. Returns the conversations as template text."""
     from tqdm.auto import tqdm
 
     if not tokenizer.chat_template:
         raise UserError("--self-chat needs a target with a chat template")
     path = Path(path)
     done = [json.loads(line)["text"] for line in path.read_text().splitlines()] if path.exists() else []
-    # (the file is rewritten whole and atomically after each batch, so every line is complete)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     stop = [t for t in {end, tokenizer.eos_token_id} if isinstance(t, int) and t >= 0]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    prefix = _chat_prefix(tokenizer)
+    header = tokenizer.encode(_chat_prefix(tokenizer), add_special_tokens=False)
     bar = tqdm(total=conversations, initial=len(done), desc="self-chat", disable=not progress,
                unit="chat")
 
@@ -198,7 +197,6 @@ def self_chat(target, tokenizer, conversations: int, path: str | Path, batch_siz
     while len(done) < conversations:
         n = min(batch_size, conversations - len(done))
         batch_seed = seed * 1_000_003 + len(done)
-        header = tokenizer.encode(prefix, add_special_tokens=False)
         questions = [tokenizer.decode(q).strip() for q in sample([header] * n, question_tokens, batch_seed)]
         questions = [q or "Hello!" for q in questions]
         prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": q}],

@@ -91,8 +91,16 @@ def _isotonic(values: Sequence[float], weights: Sequence[float]) -> list[float]:
     return [m for m, _, c in blocks for _ in range(c)]
 
 
-def _value_share(share: float, calibration: Calibration | None) -> float:
-    return share if calibration is None else calibration(share)
+def _add_drawn(tree: DraftTree, node: int, token: int, left: float,
+               calibration: Calibration | None) -> tuple[int, float, float]:
+    """Add ``token``, drawn at ``node`` while ``left`` of the node's draft mass was undrawn.
+    Returns the child, its acceptance estimate (its share of the renormalised draft, through
+    ``calibration`` if given) and the draft mass left undrawn."""
+    mass = float(tree.draft_probs[node][token])
+    share = min(1.0, mass / left)
+    child = tree.add(node, token)
+    tree.shares[child] = share
+    return child, share if calibration is None else calibration(share), left - mass
 
 
 DraftFn = Callable[[DraftTree, Sequence[int]], torch.Tensor]
@@ -121,12 +129,7 @@ def threshold_tree(root_token: int, draft_fn: DraftFn, threshold: float, budget:
             for y in race_order(dist, generator, budget, deterministic):
                 if value <= threshold or len(tree) - 1 >= budget or left <= 0:
                     break
-                mass = float(dist[y])
-                share = min(1.0, mass / left)  # its probability under the renormalised draft
-                left -= mass
-                child = tree.add(node, y)
-                tree.shares[child] = share
-                accept = _value_share(share, calibration)
+                child, accept, left = _add_drawn(tree, node, y, left, calibration)
                 values[child] = value * accept
                 value *= 1 - accept
                 if y not in eos_ids:
@@ -161,12 +164,7 @@ def heap_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequence
         if not orders[node]:
             continue
         y = orders[node].pop(0)
-        mass = float(tree.draft_probs[node][y])
-        share = min(1.0, mass / left[node])
-        left[node] -= mass
-        child = tree.add(node, y)
-        tree.shares[child] = share
-        accept = _value_share(share, calibration)
+        child, accept, left[node] = _add_drawn(tree, node, y, left[node], calibration)
         if orders[node] and left[node] > 0:
             heapq.heappush(heap, (-(value * (1 - accept)), counter, node))
             counter += 1
