@@ -1,10 +1,13 @@
-"""Benchmark speculative decoding on the default target with the trained draft (issue #4).
+"""Benchmark speculative decoding on the default target with the trained drafts (issue #4).
 
 Cells: held-out wiki-en prompts and chat prompts, in float32 and bfloat16. Each cell is one
 ``pertoken speculative bench`` process (1 torch thread) that runs every method on the same
-prompts, repeats outermost, and reports medians; ``--jobs 2`` runs two cells at once, one per
-core (each cell compares methods only within itself). Without ``--draft``, the draft is trained
-first with ``pertoken speculative train-draft`` (two resumable stages, see ``ensure_draft``).
+prompts, interleaved (each prompt through every method in turn, repeats outermost), and reports
+medians; ``--jobs 2`` runs two cells at once, one per core (each cell compares methods only
+within itself). Our methods draft with an EAGLE head (``--draft``); transformers' assisted
+generation, which needs a standalone model, drafts with the distilled 2-layer draft
+(``--assistant``). Without them, both are trained first with ``pertoken speculative
+train-draft`` (resumable stages, see ``ensure_draft`` and ``ensure_eagle``).
 
 Writes docs/results/speculative.json and .md (tables, and plots of tokens per target call
 against the budget). Finished cells are kept under $PERTOKEN_CACHE/bench/speculative and reused
@@ -43,12 +46,26 @@ def ensure_draft(folder: Path, target: str) -> None:
                     "--corpus", "wiki-en,docs-en", "--train-tokens", "700000", "--lr", "1e-3"])
 
 
+def ensure_eagle(folder: Path, target: str) -> None:
+    """The EAGLE recipe: 448 chats sampled from the target plus docs-en and wiki-en, 400k
+    tokens through the teacher once, 2.4M tokens of training (6 epochs)."""
+    if (folder / "pertoken-eagle.json").is_file() and not (folder / ".train" / "checkpoint.pt").exists():
+        return
+    cmd = [sys.executable, "-m", "pertoken", "speculative", "train-draft", "--kind", "eagle",
+           "--target", target, "--self-chat", "448", "--corpus", "docs-en,wiki-en",
+           "-o", str(folder)]
+    if (folder / ".train" / "checkpoint.pt").exists():
+        cmd.append("--resume")
+    subprocess.run(cmd, check=True)
+
+
 def run_cell(args, work: Path, prompts: str, dtype: str) -> dict:
     out = work / f"cell-{prompts.replace(':', '-')}-{dtype}.json"
     if out.is_file() and not args.fresh:
         return json.loads(out.read_text())
     cmd = [sys.executable, "-m", "pertoken", "speculative", "bench", "--model", args.model,
-           "--draft", str(args.draft), "--methods", args.methods, "--budgets", args.budgets,
+           "--draft", str(args.draft), "--assistant", str(args.assistant),
+           "--methods", args.methods, "--budgets", args.budgets,
            "--temperatures", args.temperatures, "--prompts", prompts,
            "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats),
            "--dtype", dtype, "--threads", str(args.threads), "--json", str(out)]
@@ -90,7 +107,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--draft", type=Path, default=None,
-                        help="draft folder (default: train one under the bench cache)")
+                        help="draft for our methods, an EAGLE head or a model folder "
+                             "(default: train an EAGLE head under the bench cache)")
+    parser.add_argument("--assistant", type=Path, default=None,
+                        help="standalone draft model for hf-assisted (default: train one)")
     parser.add_argument("--prompt-sets", default="wiki-en:6,chat:6")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--methods", default="ar,hf-ar,chain,tree,dyspec,hf-assisted")
@@ -105,13 +125,24 @@ def main() -> None:
     args = parser.parse_args()
     work = cache_dir() / "bench" / "speculative"
     work.mkdir(parents=True, exist_ok=True)
+    if args.assistant is None:
+        args.assistant = work / "draft-smollm2"
+        ensure_draft(args.assistant, args.model)
     if args.draft is None:
-        args.draft = work / "draft-smollm2"
-        ensure_draft(args.draft, args.model)
-    elif not (args.draft / "config.json").is_file():
-        print(f"error: --draft {args.draft} is not a draft folder", file=sys.stderr)
-        sys.exit(2)
-    draft_info = json.loads((args.draft / "pertoken-draft.json").read_text())
+        args.draft = work / "eagle-smollm2"
+        ensure_eagle(args.draft, args.model)
+    info_files = {"draft": ("pertoken-eagle.json", "pertoken-draft.json"),
+                  "assistant": ("pertoken-draft.json",)}
+    infos = {}
+    for name, names in info_files.items():
+        folder = getattr(args, name)
+        found = next((folder / n for n in names if (folder / n).is_file()), None)
+        if found is None:
+            print(f"error: --{name} {folder} is not a draft folder trained by pertoken",
+                  file=sys.stderr)
+            sys.exit(2)
+        infos[name] = json.loads(found.read_text())
+    draft_info = infos["draft"]
 
     cells = [(p, d) for d in args.dtypes.split(",") for p in args.prompt_sets.split(",")]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -145,7 +176,9 @@ def main() -> None:
     summary = [summarize(c) for c in results]
     result = {"method": "speculative",
               "title": "DySpec against plain decoding, chain, static tree and HF assisted",
-              "model": args.model, "draft": str(args.draft), "threads": args.threads,
+              "model": args.model, "draft": str(args.draft), "assistant": str(args.assistant),
+              "draft_kind": "eagle" if "vocab_coverage_heldout" in draft_info else "model",
+              "assistant_cost": infos["assistant"].get("cost"), "threads": args.threads,
               "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
               "draft_cost": draft_info.get("cost"), "draft_training": draft_info.get("history", [])[-1:],
               "environment": environment(), "summary": summary, "results": table_rows,
@@ -154,7 +187,9 @@ def main() -> None:
               "plots": plots}
     columns = ["prompts", "dtype", "method", "budget", "temperature", "tokens_per_call",
                "tokens_per_second", "speedup_vs_ar", "auto", "same_as_ar"]
-    markdown = (f"# Speculative decoding: {args.model} with a distilled draft\n\n"
+    markdown = (f"# Speculative decoding: {args.model}\n\n"
+                f"Our methods draft with `{args.draft.name}` ({result['draft_kind']}); "
+                f"hf-assisted with `{args.assistant.name}`.\n\n"
                 f"{args.threads} torch thread(s) per cell; per cell (prompts, dtype): new tokens "
                 f"per prompt and repeats (the median is quoted): "
                 + ", ".join(f"{c['prompts']} {c['dtype']}: {c['max_new_tokens']} x{c['repeats']}"

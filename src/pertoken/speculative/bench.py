@@ -171,7 +171,11 @@ def cost_curve(target, draft, target_name: str, draft_name: str, refresh: bool =
         data = json.loads(path.read_text())
         return {"target": {int(k): v for k, v in data["target"].items()}, "draft": data["draft"]}
     log.info("measuring the target's cost against tree size (once for this machine)")
-    data = {"target": measure_tree_costs(target, COST_SIZES), "draft": decode_seconds(draft),
+    from pertoken.speculative.eagle import EagleHead, head_decode_seconds
+
+    draft_seconds = (head_decode_seconds(draft) if isinstance(draft, EagleHead)
+                     else decode_seconds(draft))
+    data = {"target": measure_tree_costs(target, COST_SIZES), "draft": draft_seconds,
             "target_name": target_name, "draft_name": draft_name,
             "threads": torch.get_num_threads()}
     write_json_atomic(path, data)
@@ -252,6 +256,8 @@ class BenchConfig:
     seed: int = 0
     calibrate: bool = False
     """DySpec with values calibrated online (learnt on the calibration prompts first)"""
+    assistant: str | None = None
+    """the standalone draft for ``hf-assisted`` (default: the draft)"""
 
     def validate(self) -> None:
         from pertoken.speculative.generate import check_settings
@@ -308,9 +314,12 @@ def _hf_generate(target, draft, prompt, budget, temperature, cfg: BenchConfig, e
     return tokens, counter.calls, []
 
 
-def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True) -> dict:
-    """Every (method, budget, temperature) on the same prompts in this process; the repeats
-    loop is outermost so that each configuration sees the same machine conditions."""
+def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
+              assistant=None) -> dict:
+    """Every (method, budget, temperature) on the same prompts in this process. Runs are
+    interleaved (for each repeat, for each prompt, every configuration in turn), so that a
+    machine whose speed drifts over minutes affects all configurations alike. ``hf-assisted``
+    uses ``assistant`` (a standalone draft model), by default ``draft``."""
     from tqdm.auto import tqdm
 
     from pertoken.speculative.draft_tree import Calibration, static_shape
@@ -323,9 +332,15 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True)
     calibration = load_prompts(f"{name}:{cfg.calibration_prompts}", tokenizer, cfg.prompt_tokens,
                                split="train" if name != "chat" else "heldout",
                                skip=int(cfg.prompts.rpartition(":")[2]) if name == "chat" else 0)
+    from pertoken.speculative.eagle import EagleHead
+
     needs_draft = any(m not in ("ar", "hf-ar") for m in cfg.methods)
     if needs_draft and draft is None:
         raise UserError("these methods need a --draft model")
+    assistant = assistant if assistant is not None else draft
+    if "hf-assisted" in cfg.methods and isinstance(assistant, EagleHead):
+        raise UserError("hf-assisted needs a standalone draft model (transformers cannot use "
+                        "an EAGLE head): pass --assistant")
     acceptance, costs, auto = {}, None, {}
     uses_tree_model = "tree" in cfg.methods or "auto" in cfg.budgets
     if needs_draft and uses_tree_model:
@@ -361,24 +376,23 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True)
                          top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                          eos_token_id=eos, seed=cfg.seed, calibration=calibrations[c])
 
-    runs: dict[tuple, list[dict]] = {c: [] for c in configs}
+    runs: dict[tuple, list[dict]] = {
+        c: [{"tokens": 0, "calls": 0, "seconds": 0.0, "histogram": Counter(), "outputs": []}
+            for _ in range(cfg.repeats)] for c in configs}
     bar = tqdm(total=cfg.repeats * len(configs) * len(prompts), desc="speculative bench",
                disable=not progress, unit="gen")
     for repeat in range(cfg.repeats):
-        for config in configs:
-            method, budget, t, _ = config
-            total_tokens = calls = 0
-            histogram: Counter[int] = Counter()
-            seconds = 0.0
-            outputs = []
-            for i, prompt in enumerate(prompts):
-                seed = cfg.seed + 1000 * repeat + i
+        for i, prompt in enumerate(prompts):
+            seed = cfg.seed + 1000 * repeat + i
+            for config in configs:
+                method, budget, t, _ = config
+                run = runs[config][repeat]
                 start = time.perf_counter()
                 if method.startswith("hf-"):
                     torch.manual_seed(seed)
                     tokens, n_calls, accepted = _hf_generate(
-                        target, draft if method == "hf-assisted" else None, prompt, budget, t,
-                        cfg, eos)
+                        target, assistant if method == "hf-assisted" else None, prompt, budget,
+                        t, cfg, eos)
                 else:
                     out = generate(target, draft if method != "ar" else None, list(prompt),
                                    method=method, budget=budget or 1, temperature=t,
@@ -388,16 +402,16 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True)
                                    calibration=copy.deepcopy(calibrations.get(config, False)))
                     tokens, n_calls = out.tokens, len(out.steps)
                     accepted = [s.accepted for s in out.steps]
-                seconds += time.perf_counter() - start
-                total_tokens += len(tokens)
-                calls += n_calls
-                histogram.update(accepted)
-                outputs.append(tokens)
+                run["seconds"] += time.perf_counter() - start
+                run["tokens"] += len(tokens)
+                run["calls"] += n_calls
+                run["histogram"].update(accepted)
+                run["outputs"].append(tokens)
                 bar.update(1)
-            runs[config].append({"tokens": total_tokens, "calls": calls, "seconds": seconds,
-                                 "histogram": {str(k): v for k, v in sorted(histogram.items())},
-                                 "outputs": outputs})
     bar.close()
+    for config in configs:
+        for run in runs[config]:
+            run["histogram"] = {str(k): v for k, v in sorted(run["histogram"].items())}
 
     results = []
     ar_speed = {}
@@ -415,14 +429,19 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True)
             row["same_output_as_ar"] = None
         results.append(row)
         if method == "ar":
-            ar_speed[t] = tps
+            ar_speed[t] = row["tokens_per_second_runs"]
     for row, config in zip(results, configs):
-        row["speedup_vs_ar"] = (row["tokens_per_second"] / ar_speed[row["temperature"]]
-                                if row["temperature"] in ar_speed else None)
+        # the median over repeats of the ratio within each repeat (paired, same minutes)
+        ar_runs = ar_speed.get(row["temperature"])
+        row["speedup_vs_ar"] = (statistics.median(
+            a / b for a, b in zip(row["tokens_per_second_runs"], ar_runs))
+            if ar_runs else None)
         if row["temperature"] == 0 and "ar" in cfg.methods:
             ar_config = next(c for c in configs if c[0] == "ar" and c[2] == 0)
             row["same_output_as_ar"] = runs[config][0]["outputs"] == runs[ar_config][0]["outputs"]
-    return {"model": cfg.model, "draft": cfg.draft, "threads": torch.get_num_threads(),
+    return {"model": cfg.model, "draft": cfg.draft, "assistant": cfg.assistant or cfg.draft,
+            "draft_kind": "eagle" if isinstance(draft, EagleHead) else "model",
+            "threads": torch.get_num_threads(),
             "dtype": cfg.dtype, "prompts": cfg.prompts, "max_new_tokens": cfg.max_new_tokens,
             "calibrate": cfg.calibrate,
             "repeats": cfg.repeats, "acceptance": {str(k): v for k, v in acceptance.items()},

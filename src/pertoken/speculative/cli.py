@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -10,12 +11,27 @@ from pertoken.errors import UserError
 
 def _load_pair(model: str, draft: str | None, dtype: str):
     """``(target, tokenizer, draft or None)``, in the small-batch layout (a no-op but in
-    float32); every method, plain decoding included, then runs on the same model objects."""
+    float32); every method, plain decoding included, then runs on the same model objects. A
+    draft folder holding an EAGLE head loads as an :class:`~pertoken.speculative.eagle.EagleHead`
+    bound to the target."""
     from pertoken.models import load_model, small_batch_layout
+    from pertoken.speculative.eagle import is_eagle, load_eagle
 
     target, tokenizer = load_model(model, dtype=dtype)
-    return (small_batch_layout(target), tokenizer,
-            small_batch_layout(load_model(draft, dtype=dtype)[0]) if draft else None)
+    target = small_batch_layout(target)
+    if not draft:
+        return target, tokenizer, None
+    if is_eagle(draft):
+        return target, tokenizer, load_eagle(draft, target).small_batch_layout()
+    return target, tokenizer, small_batch_layout(load_model(draft, dtype=dtype)[0])
+
+
+def _check_draft_path(draft: str | None) -> None:
+    from pertoken.models import resolve
+    from pertoken.speculative.eagle import is_eagle
+
+    if draft and not is_eagle(draft):
+        resolve(draft)
 
 
 def _generate(args) -> int:
@@ -67,6 +83,10 @@ def _generate(args) -> int:
     return 0
 
 
+def _default(value, default):
+    return default if value is None else value
+
+
 def _train_draft(args) -> int:
     import itertools
     from pathlib import Path
@@ -78,12 +98,25 @@ def _train_draft(args) -> int:
     from pertoken.speculative.draft_train import (DraftTrainConfig, check_output, decode_seconds,
                                                   train_draft)
 
-    cfg = DraftTrainConfig(hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-                           num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                           intermediate_size=args.intermediate_size, seq_len=args.seq_len,
-                           batch_size=args.batch_size, train_tokens=args.train_tokens,
-                           lr=args.lr, top_k=args.top_k, checkpoint_every=args.checkpoint_every,
-                           seed=args.seed, self_chat=args.self_chat, init=args.init or "")
+    if args.kind == "eagle":
+        from pertoken.speculative.eagle_train import EagleTrainConfig
+
+        if args.init:
+            raise UserError("--init is for --kind model drafts")
+        cfg = EagleTrainConfig(vocab=args.vocab, seq_len=args.seq_len,
+                               batch_size=_default(args.batch_size, 16),
+                               data_tokens=_default(args.data_tokens, 400_000),
+                               train_tokens=_default(args.train_tokens, 2_400_000), lr=_default(args.lr, 1e-3),
+                               top_k=_default(args.top_k, 16), checkpoint_every=args.checkpoint_every,
+                               seed=args.seed, self_chat=args.self_chat)
+    else:
+        cfg = DraftTrainConfig(hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+                               num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                               intermediate_size=args.intermediate_size, seq_len=args.seq_len,
+                               batch_size=_default(args.batch_size, 8),
+                               train_tokens=_default(args.train_tokens, 3_000_000), lr=_default(args.lr, 3e-3),
+                               top_k=_default(args.top_k, 64), checkpoint_every=args.checkpoint_every,
+                               seed=args.seed, self_chat=args.self_chat, init=args.init or "")
     cfg.validate()
     check_output(args.output, args.resume)
     resolve(args.target)
@@ -97,22 +130,38 @@ def _train_draft(args) -> int:
         raise UserError("--corpus names no corpus")
     target, tokenizer = load_model(args.target, dtype=args.teacher_dtype)
     documents = itertools.chain.from_iterable(c.documents("train") for c in corpora)
-    info = train_draft(target, tokenizer, documents, args.output, cfg,
-                       resume=args.resume, target_name=args.target)
+    if args.kind == "eagle":
+        from pertoken.speculative.eagle import head_decode_seconds, load_eagle
+        from pertoken.speculative.eagle_train import train_eagle
+
+        info = train_eagle(target, tokenizer, documents, args.output, cfg,
+                           resume=args.resume, target_name=args.target)
+        target = target.float()
+        draft = load_eagle(args.output, target)
+        t_draft = head_decode_seconds(draft)
+        info_name = "pertoken-eagle.json"
+    else:
+        info = train_draft(target, tokenizer, documents, args.output, cfg,
+                           resume=args.resume, target_name=args.target)
+        draft = load_model(args.output)[0]
+        target = target.float()
+        t_draft = decode_seconds(draft)
+        info_name = "pertoken-draft.json"
     # the cost ratio, measured in float32 with the draft just written
-    draft = load_model(args.output)[0]
-    target = target.float()
-    t_target, t_draft = decode_seconds(target), decode_seconds(draft)
-    info["cost"] = {"target_decode_ms": 1000 * t_target, "draft_decode_ms": 1000 * t_draft,
-                    "ratio": t_draft / t_target, "threads": torch.get_num_threads(),
-                    "dtype": "float32",
-                    "draft_parameters": sum(p.numel() for p in draft.parameters())}
+    t_target = decode_seconds(target)
     from pertoken.atomic import write_json_atomic
 
-    write_json_atomic(f"{args.output}/pertoken-draft.json", info)
+    saved = json.loads(Path(args.output, info_name).read_text())
+    saved["cost"] = {"target_decode_ms": 1000 * t_target, "draft_decode_ms": 1000 * t_draft,
+                     "ratio": t_draft / t_target, "threads": torch.get_num_threads(),
+                     "dtype": "float32",
+                     "draft_parameters": sum(p.numel() for p in draft.parameters())}
+    write_json_atomic(Path(args.output, info_name), saved)
     last = info["history"][-1]
+    heldout = (f", held-out {last['heldout_top1_agreement']:.3f}"
+               if "heldout_top1_agreement" in last else "")
     print(f"draft written to {args.output}: {info['step']} steps, loss {last['loss']:.3f}, "
-          f"top-1 agreement {last['top1_agreement']:.3f}; one decode step "
+          f"top-1 agreement {last['top1_agreement']:.3f}{heldout}; one decode step "
           f"{1000 * t_draft:.1f} ms vs target {1000 * t_target:.1f} ms "
           f"({t_draft / t_target:.3f}x)")
     return 0
@@ -144,24 +193,29 @@ def _bench(args) -> int:
     import torch
 
     from pertoken.atomic import write_json_atomic
-    from pertoken.models import resolve
+    from pertoken.models import load_model, resolve, small_batch_layout
     from pertoken.speculative.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(model=args.model, draft=args.draft, methods=args.methods,
                       budgets=args.budgets, temperatures=args.temperatures, prompts=args.prompts,
                       max_new_tokens=args.max_new_tokens, prompt_tokens=args.prompt_tokens,
                       repeats=args.repeats, dtype=args.dtype, top_k=args.top_k, top_p=args.top_p,
-                      calibrate=args.calibrate)
+                      calibrate=args.calibrate, assistant=args.assistant)
     cfg.validate()
     resolve(args.model)
-    if args.draft:
-        resolve(args.draft)
+    _check_draft_path(args.draft)
+    if args.assistant:
+        resolve(args.assistant)
     torch.set_num_threads(args.threads)
     target, tokenizer, draft = _load_pair(args.model, args.draft, args.dtype)
-    if draft is not None and draft.config.vocab_size != target.config.vocab_size:
-        raise UserError("the draft and the target have different vocabularies "
-                        f"({draft.config.vocab_size} vs {target.config.vocab_size})")
-    result = run_bench(target, draft, tokenizer, cfg)
+    assistant = None
+    if args.assistant:
+        assistant = small_batch_layout(load_model(args.assistant, dtype=args.dtype)[0])
+    for model in (draft, assistant):
+        if model is not None and model.config.vocab_size != target.config.vocab_size:
+            raise UserError("the draft and the target have different vocabularies "
+                            f"({model.config.vocab_size} vs {target.config.vocab_size})")
+    result = run_bench(target, draft, tokenizer, cfg, assistant=assistant)
     if args.json:
         write_json_atomic(args.json, result)
     for row in result["results"]:
@@ -181,7 +235,8 @@ def add_commands(commands, parser_class, positive_int) -> None:
     verbs = group.add_subparsers(dest="verb", required=True, parser_class=parser_class)
     p = verbs.add_parser("generate", help="generate text, streaming it as it is accepted")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the target model")
-    p.add_argument("--draft", help="the draft model (same vocabulary)")
+    p.add_argument("--draft", help="the draft: a model folder with the same vocabulary, or an "
+                                   "EAGLE head folder trained for this target")
     p.add_argument("--method", default="dyspec", choices=list(METHODS))
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
@@ -200,7 +255,8 @@ def add_commands(commands, parser_class, positive_int) -> None:
 
     p = verbs.add_parser("bench", help="compare decoding methods on the same prompts")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the target model")
-    p.add_argument("--draft", help="the draft model (same vocabulary)")
+    p.add_argument("--draft", help="the draft: a model folder with the same vocabulary, or an "
+                                   "EAGLE head folder trained for this target")
     p.add_argument("--methods", type=_numbers(str), default="ar,chain,tree,dyspec,hf-assisted",
                    help="comma-separated: ar, chain, tree, dyspec, dyspec-heap, hf-assisted, hf-ar")
     p.add_argument("--budgets", type=_numbers(_budget), default="4,8,16",
@@ -216,11 +272,17 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--calibrate", action="store_true",
                    help="DySpec values from an online acceptance calibration")
+    p.add_argument("--assistant", help="the standalone draft model hf-assisted uses (default: "
+                                       "--draft, unless that is an EAGLE head)")
     p.add_argument("--json", help="write the results here")
     p.set_defaults(func=_bench)
 
-    p = verbs.add_parser("train-draft", help="distil a small draft model for a target")
+    p = verbs.add_parser("train-draft", help="train a draft for a target: a small model "
+                                             "distilled from it, or an EAGLE head on its features")
     p.add_argument("--target", default=DEFAULT_MODEL, help="the target model")
+    p.add_argument("--kind", default="model", choices=["model", "eagle"],
+                   help="model: a standalone Llama (works with transformers' assisted "
+                        "generation too); eagle: one decoder layer on the target's features")
     p.add_argument("--corpus", default="docs-en",
                    help="training text (train split); several as a comma-separated list")
     p.add_argument("--self-chat", type=int, default=0, metavar="N",
@@ -237,10 +299,18 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--kv-heads", type=positive_int, default=2)
     p.add_argument("--intermediate-size", type=positive_int, default=384)
     p.add_argument("--seq-len", type=positive_int, default=256)
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--train-tokens", type=positive_int, default=3_000_000)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--top-k", type=positive_int, default=64, help="teacher tokens distilled")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="sequences per step (default 8; eagle 16)")
+    p.add_argument("--train-tokens", type=positive_int, default=None,
+                   help="tokens the draft sees (default 3M; eagle 2.4M, epochs over the "
+                        "cached teacher pass)")
+    p.add_argument("--data-tokens", type=positive_int, default=None,
+                   help="eagle: tokens the teacher runs over, once (default 400k)")
+    p.add_argument("--vocab", type=positive_int, default=8192,
+                   help="eagle: draftable tokens, the most frequent in the training data")
+    p.add_argument("--lr", type=float, default=None, help="default 3e-3; eagle 1e-3")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="teacher tokens distilled (default 64; eagle 16)")
     p.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps")
     p.add_argument("--teacher-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)

@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from pertoken.errors import UserError
 from pertoken.speculative.draft_tree import (Calibration, chain_tree, heap_tree, static_shape,
                                              static_tree, threshold_tree)
+from pertoken.speculative.eagle import EagleHead, EagleRunner, FeatureCapture
 from pertoken.speculative.methods import METHODS
 from pertoken.speculative.tree import accepted_keep, compact_cache, tree_forward
 from pertoken.speculative.verify import DraftTree, verify_greedy, verify_sampling
@@ -181,16 +182,33 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
             raise UserError(f"the tree shape has {len(tree_shape) - 1} nodes, over the budget {budget}")
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     greedy = temperature == 0
+    prefix = list(input_ids[:-1])
+    root = input_ids[-1]
+    eagle = method != "ar" and isinstance(draft, EagleHead)
+    capture = FeatureCapture(target) if eagle else None
+    try:
+        target_cache = _prefill(target, prefix)
+        if method == "ar":
+            runner = None
+        elif eagle:
+            runner = EagleRunner(draft, draft_temperature, every_node=method == "dyspec-heap")
+            runner.prefill(prefix, capture.value[0] if prefix else None)
+        else:
+            runner = _DraftRunner(draft, _prefill(draft, prefix), draft_temperature,
+                                  every_node=method == "dyspec-heap")
+        return _loop(target, target_cache, runner, capture, method, root, budget, temperature, top_k, top_p,
+                     max_new_tokens, eos, greedy, seed, threshold, calibration, tree_shape,
+                     on_tokens)
+    finally:
+        if capture is not None:
+            capture.close()
+
+
+def _loop(target, target_cache, runner, capture, method, root, budget, temperature, top_k, top_p,
+          max_new_tokens, eos, greedy, seed, threshold, calibration, tree_shape, on_tokens):
     verify_gen = torch.Generator().manual_seed(seed)
     draft_gen = torch.Generator().manual_seed(seed + 1)
     out = GenerateOutput(tokens=[])
-    prefix = list(input_ids[:-1])
-    root = input_ids[-1]
-    target_cache = _prefill(target, prefix)
-    draft_cache = _prefill(draft, prefix) if method != "ar" else None
-
-    runner = _DraftRunner(draft, draft_cache, draft_temperature,
-                          every_node=method == "dyspec-heap") if method != "ar" else None
     dynamic = method in ("dyspec", "dyspec-heap")
     if calibration is True:
         calibration = Calibration() if dynamic else None
@@ -231,7 +249,10 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
         new = [tree.tokens[i] for i in accepted] + [token]
         if runner is not None:
             start = time.perf_counter()
-            runner.commit(tree, [0] + accepted)
+            if capture is not None:
+                runner.commit(tree, [0] + accepted, capture.value[0, [0] + accepted])
+            else:
+                runner.commit(tree, [0] + accepted)
             draft_seconds += time.perf_counter() - start
         out.steps.append(StepStats(len(tree) - 1, len(accepted), draft_seconds, target_seconds,
                                    tuple(accepted)))

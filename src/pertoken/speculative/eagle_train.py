@@ -1,0 +1,258 @@
+"""Train an EAGLE head for a target (``pertoken speculative train-draft --kind eagle``).
+
+The target runs once over the training tokens (bfloat16 by default) and its features (the
+output of its final norm) and top-``k`` logits are cached on disk; the head then trains for as
+many epochs over that cache as ``train_tokens`` asks, so the expensive teacher pass is paid
+once. Loss, per position: cross-entropy against the teacher's distribution renormalised over
+its top ``k`` tokens that lie in the head's vocabulary, plus ``feature_weight`` times a
+smooth-L1 regression of the predicted feature on the target's (EAGLE's two losses). The input
+features carry uniform noise, and the head is also trained one step unrolled on its own
+predicted features, the way deeper tree nodes use it (as HASS does). Measured on SmolLM2 with
+448 self-chats and 300k corpus tokens: held-out top-1 agreement 0.45 after 6 epochs, against
+0.36 for the distilled 2-layer draft.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pertoken.atomic import atomic_path
+from pertoken.errors import UserError
+from pertoken.speculative.draft_train import check_output, training_tokens, validate_common
+from pertoken.speculative.eagle import EagleHead, FeatureCapture, vocab_by_frequency
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EagleTrainConfig:
+    vocab: int = 8192
+    """draftable tokens (the most frequent in the training data, plus EOS)"""
+    seq_len: int = 256
+    batch_size: int = 16
+    data_tokens: int = 400_000
+    """tokens the teacher runs over (its outputs are cached)"""
+    train_tokens: int = 2_400_000
+    """tokens the head sees (epochs over the cached teacher outputs)"""
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    top_k: int = 16
+    noise: float = 0.2
+    """width of the uniform noise added to input features"""
+    feature_weight: float = 0.1
+    max_doc_tokens: int = 512
+    checkpoint_every: int = 50
+    seed: int = 0
+    self_chat: int = 0
+
+    def validate(self) -> None:
+        validate_common(self, ("vocab", "data_tokens"))
+
+    @property
+    def steps(self) -> int:
+        return max(1, math.ceil(self.train_tokens / (self.seq_len * self.batch_size)))
+
+
+def _lr(step: int, cfg: EagleTrainConfig) -> float:
+    warm = min(1.0, (step + 1) / cfg.warmup_steps)
+    return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+
+
+@torch.inference_mode()
+def teacher_pass(target, sequences: torch.Tensor, top_k: int, batch_size: int = 8,
+                 progress: bool = True) -> dict:
+    """The target's features (float16) and top-``top_k`` logits on every sequence."""
+    from tqdm.auto import tqdm
+
+    n, length = sequences.shape
+    hidden = target.config.hidden_size
+    out = {"features": torch.empty(n, length, hidden, dtype=torch.float16),
+           "top_values": torch.empty(n, length, top_k, dtype=torch.float16),
+           "top_ids": torch.empty(n, length, top_k, dtype=torch.int32)}
+    capture = FeatureCapture(target)
+    try:
+        for start in tqdm(range(0, n, batch_size), desc="teacher pass", disable=not progress,
+                          unit="batch"):
+            stop = min(n, start + batch_size)
+            logits = target(input_ids=sequences[start:stop]).logits
+            values, ids = torch.topk(logits.float(), top_k, dim=-1)
+            out["features"][start:stop] = capture.value.half()
+            out["top_values"][start:stop] = values.half()
+            out["top_ids"][start:stop] = ids.int()
+    finally:
+        capture.close()
+    return out
+
+
+def eagle_losses(head: EagleHead, tokens: torch.Tensor, features: torch.Tensor,
+                 top_values: torch.Tensor, top_ids: torch.Tensor, full_to_draft: torch.Tensor,
+                 noise: float = 0.0, feature_weight: float = 0.1,
+                 generator: torch.Generator | None = None):
+    """``(loss, [top-1 agreement at depth 1, at depth 2])`` on a batch of sequences.
+
+    Depth 1: position ``t + 1`` reads token ``t + 1`` and the target's feature at ``t``, and is
+    scored on the teacher's distribution at ``t + 1``. Depth 2 reads the head's own depth-1
+    features instead, one position later."""
+    inputs, feats = tokens[:, 1:], features[:, :-1].float()
+    if noise:
+        feats = feats + (torch.rand(feats.shape, generator=generator) - 0.5) * noise
+    total, agreement, previous = 0.0, [], None
+    for depth in (1, 2):
+        if depth == 1:
+            predicted, logits = head(inputs, feats)
+        else:
+            predicted, logits = head(inputs[:, 1:], previous[:, :-1])
+        want = features[:, depth:].float()
+        ids = full_to_draft[top_ids[:, depth:].long()]
+        inside = ids >= 0
+        weights = torch.softmax(top_values[:, depth:].float().masked_fill(~inside, -1e9), -1)
+        weights = weights * inside
+        logq = torch.log_softmax(logits.float(), -1)
+        ce = -(weights * logq.gather(-1, ids.clamp(min=0))).sum(-1)
+        ce = ce[inside.any(-1)].mean()
+        reg = torch.nn.functional.smooth_l1_loss(predicted.float(), want)
+        total = total + ce + feature_weight * reg
+        agreement.append((logits.argmax(-1) == ids[..., 0]).float().mean().item())
+        previous = predicted
+    return total, agreement
+
+
+def train_eagle(target, tokenizer, documents, out: str | Path, cfg: EagleTrainConfig,
+                resume: bool = False, target_name: str = "", progress: bool = True) -> dict:
+    """Train an EAGLE head for ``target`` into the folder ``out``; return its stats.
+
+    ``target`` may be in bfloat16 for the teacher pass; it is converted to float32 in place
+    afterwards (the head trains against its embedding and LM head in float32). A checkpoint
+    (and a usable head folder) is written every ``cfg.checkpoint_every`` steps; ``resume``
+    continues from it to the same weights."""
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    out = Path(out)
+    check_output(out, resume)
+    state_dir = out / ".train"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = state_dir / "checkpoint.pt"
+    teacher_path = state_dir / "teacher.pt"
+    if teacher_path.exists():
+        data = torch.load(teacher_path, weights_only=True)
+    else:
+        tokens = training_tokens(target, tokenizer, documents, cfg, cfg.data_tokens,
+                                 state_dir / "tokens.npy", progress)
+        length = cfg.seq_len + 1
+        n_seq = tokens.size // length
+        if n_seq < cfg.batch_size:
+            raise UserError(f"the corpus gives {n_seq} sequences of {length} tokens, fewer "
+                            f"than one batch of {cfg.batch_size}")
+        sequences = torch.from_numpy(tokens[: n_seq * length].astype(np.int64)).view(n_seq, length)
+        data = {"sequences": sequences,
+                **teacher_pass(target, sequences, cfg.top_k, progress=progress)}
+        with atomic_path(teacher_path) as tmp:
+            torch.save(data, tmp)
+    sequences = data["sequences"]
+    n_seq = sequences.shape[0]
+    eos = [t for t in {tokenizer.eos_token_id, target.config.eos_token_id}
+           if isinstance(t, int) and t >= 0]
+    vocab = vocab_by_frequency(sequences, target.config.vocab_size, cfg.vocab, eos)
+    full_to_draft = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
+    full_to_draft[vocab] = torch.arange(vocab.numel())
+
+    torch.manual_seed(cfg.seed)
+    target = target.float()
+    head = EagleHead(target, vocab)
+    width = target.config.hidden_size
+    with torch.no_grad():  # start as "the feature passes through", token part small
+        head.fc.weight.zero_()
+        head.fc.weight[:, width:] = torch.eye(width)
+        head.fc.weight[:, :width].normal_(0, 0.02)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
+                                  weight_decay=0.0)
+    step, history = 0, []
+    if resume and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise UserError(f"{out} was trained with other settings; resume with the same flags")
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history = state["step"], state["history"]
+        log.info("resuming at step %d of %d", step, cfg.steps)
+    held = min(64, max(1, n_seq // 32))  # the last sequences are held out for evaluation
+    n_seq -= held
+    orders = {}
+
+    def batch_ids(s: int) -> torch.Tensor:
+        epoch, within = divmod(s * cfg.batch_size, n_seq)
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n_seq, generator=torch.Generator().manual_seed(
+                cfg.seed * 7919 + epoch))
+        picks = [(within + i) % n_seq for i in range(cfg.batch_size)]
+        return orders[epoch][picks]
+
+    @torch.no_grad()
+    def evaluate() -> list[float]:
+        head.eval()
+        scores = []
+        for first in range(n_seq, n_seq + held, cfg.batch_size):
+            idx = torch.arange(first, min(first + cfg.batch_size, n_seq + held))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                scores.append(eagle_losses(head, sequences[idx], data["features"][idx],
+                                           data["top_values"][idx], data["top_ids"][idx],
+                                           full_to_draft)[1])
+        head.train()
+        return [float(x) for x in np.mean(scores, axis=0)]
+
+    info = {"target": target_name, "config": asdict(cfg), "steps": cfg.steps,
+            "sequences": n_seq, "heldout_sequences": held, "data_tokens": int(sequences.numel()),
+            "vocab_coverage_heldout": float(
+                (full_to_draft[data["top_ids"][n_seq:, :, 0].long()] >= 0).float().mean())}
+    bar = tqdm(total=cfg.steps, initial=step, desc="train-draft (eagle)", disable=not progress,
+               unit="step")
+    window: list[tuple[float, float, float]] = []
+    start = time.perf_counter()
+    head.train()
+    while step < cfg.steps:
+        idx = batch_ids(step)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, agree = eagle_losses(head, sequences[idx], data["features"][idx],
+                                       data["top_values"][idx], data["top_ids"][idx],
+                                       full_to_draft, cfg.noise, cfg.feature_weight,
+                                       torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        window.append((loss.item(), *agree))
+        recent = np.mean(window[-20:], axis=0)
+        bar.update(1)
+        bar.set_postfix(loss=f"{recent[0]:.3f}", top1=f"{recent[1]:.3f}", top1_d2=f"{recent[2]:.3f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            mean = np.mean(window, axis=0)
+            heldout = evaluate()
+            history.append({"step": step, "loss": float(mean[0]), "top1_agreement": float(mean[1]),
+                            "top1_agreement_depth2": float(mean[2]),
+                            "heldout_top1_agreement": heldout[0],
+                            "heldout_top1_agreement_depth2": heldout[1],
+                            "seconds": time.perf_counter() - start})
+            log.info("step %d: held-out top-1 agreement %.3f (depth 2: %.3f)", step, *heldout)
+            window = []
+            with atomic_path(checkpoint) as tmp:
+                torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                            "step": step, "history": history, "config": asdict(cfg)}, tmp)
+            head.save(out, {**info, "step": step, "history": history})
+    bar.close()
+    info.update(step=step, history=history)
+    head.eval()
+    head.save(out, info)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return info
