@@ -7,6 +7,7 @@ import torch
 from pertoken.models import tiny_llama
 from pertoken.speculative import generate as gen_module
 from pertoken.speculative.draft_tree import Calibration
+from pertoken.speculative.eagle import EagleHead
 from pertoken.speculative.generate import generate, warp
 
 PROMPT = [5, 9, 14]
@@ -58,18 +59,32 @@ def _chi2(target, draft, method, n):
     return p_value, chi2, outside
 
 
-@pytest.mark.parametrize("method", ["dyspec", "dyspec-calibrated", "chain", "tree"])
+def _eagle(target):
+    """An EAGLE head for ``target`` over part of its vocabulary, random but peaked."""
+    torch.manual_seed(23)
+    head = EagleHead(target, torch.arange(0, target.config.vocab_size, 2)).eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return head
+
+
+@pytest.mark.parametrize("method", ["dyspec", "dyspec-calibrated", "chain", "tree", "eagle-dyspec"])
 def test_sampling_loop_with_top_k_top_p_matches_the_exact_law(models, method):
     target, draft = models
+    if method.startswith("eagle-"):
+        method, draft = method[len("eagle-"):], _eagle(target)
     p_value, chi2, outside = _chi2(target, draft, method, 1000)
     assert outside == 0  # nothing outside the warped support
     assert p_value > 1e-3, chi2
 
 
 @pytest.mark.long
-@pytest.mark.parametrize("method", ["dyspec", "dyspec-calibrated"])
+@pytest.mark.parametrize("method", ["dyspec", "dyspec-calibrated", "eagle-dyspec"])
 def test_sampling_loop_matches_the_exact_law_at_40k(models, method):
     target, draft = models
+    if method.startswith("eagle-"):
+        method, draft = method[len("eagle-"):], _eagle(target)
     p_value, chi2, outside = _chi2(target, draft, method, 40_000)
     assert outside == 0 and p_value > 1e-3, chi2
 

@@ -11,6 +11,8 @@ So far:
 - :mod:`pertoken.speculative.generate`: the decoding loop for ``ar``, ``chain``, ``tree``
   (Sequoia's static tree), ``dyspec`` and ``dyspec-heap``;
 - :mod:`pertoken.speculative.draft_train`: distil a small draft for a target;
+- :mod:`pertoken.speculative.eagle` and :mod:`~pertoken.speculative.eagle_train`: an
+  EAGLE-style draft head on the target's own features, and its training;
 - :mod:`pertoken.speculative.bench`: acceptance, cost curve, automatic budget and the
   side-by-side benchmark.
 """
@@ -22,6 +24,10 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "GenerateOutput": "pertoken.speculative.generate",
     "BenchConfig": "pertoken.speculative.bench",
     "DraftTrainConfig": "pertoken.speculative.draft_train",
+    "EagleHead": "pertoken.speculative.eagle",
+    "EagleTrainConfig": "pertoken.speculative.eagle_train",
+    "load_eagle": "pertoken.speculative.eagle",
+    "train_eagle": "pertoken.speculative.eagle_train",
     "accepted_keep": "pertoken.speculative.tree",
     "auto_budget": "pertoken.speculative.bench",
     "choose_budget": "pertoken.speculative.bench",

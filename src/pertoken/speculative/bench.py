@@ -329,7 +329,7 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
     eos = tokenizer.eos_token_id
     prompts = load_prompts(cfg.prompts, tokenizer, cfg.prompt_tokens)
     name = cfg.prompts.rpartition(":")[0]
-    calibration = load_prompts(f"{name}:{cfg.calibration_prompts}", tokenizer, cfg.prompt_tokens,
+    calibration_prompts = load_prompts(f"{name}:{cfg.calibration_prompts}", tokenizer, cfg.prompt_tokens,
                                split="train" if name != "chat" else "heldout",
                                skip=int(cfg.prompts.rpartition(":")[2]) if name == "chat" else 0)
     from pertoken.speculative.eagle import EagleHead
@@ -345,7 +345,7 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
     uses_tree_model = "tree" in cfg.methods or "auto" in cfg.budgets
     if needs_draft and uses_tree_model:
         for t in cfg.temperatures:
-            acceptance[t] = measure_acceptance(target, draft, calibration, t, top_k=cfg.top_k,
+            acceptance[t] = measure_acceptance(target, draft, calibration_prompts, t, top_k=cfg.top_k,
                                                top_p=cfg.top_p, eos_token_id=eos)
             log.info("acceptance at T=%s: %s", t, [round(a, 3) for a in acceptance[t]])
     if "auto" in cfg.budgets:
@@ -371,7 +371,7 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
     for c in configs:
         if cfg.calibrate and c[0] in ("dyspec", "dyspec-heap"):
             calibrations[c] = Calibration()
-            for prompt in calibration:
+            for prompt in calibration_prompts:
                 generate(target, draft, list(prompt), method=c[0], budget=c[1], temperature=c[2],
                          top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                          eos_token_id=eos, seed=cfg.seed, calibration=calibrations[c])

@@ -157,7 +157,10 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
              tree_shape: list[int] | None = None, on_tokens=None) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` after ``input_ids`` with ``method``.
 
-    Greedy when ``temperature == 0``; otherwise the output law is the target's after
+    ``draft`` is a causal LM with the target's vocabulary or an
+    :class:`~pertoken.speculative.eagle.EagleHead` loaded for this target (it then reads the
+    target's features, captured from each verification pass). Greedy when
+    ``temperature == 0``; otherwise the output law is the target's after
     temperature, top-k and top-p. The DySpec tree holds at most ``budget`` drafted tokens and
     grows while a slot's value, its draft path probability, exceeds ``threshold`` (default
     ``1 / (budget + 1)``). With ``calibration`` (``True``, or a :class:`Calibration` to keep
