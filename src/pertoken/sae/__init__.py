@@ -6,15 +6,20 @@ So far:
 - :mod:`pertoken.sae.selection`: the selection rules, with deterministic tie-breaking, and
   Feature Choice capacities (uniform, Zipf);
 - :mod:`pertoken.sae.model`: the autoencoder (tied init, unit-norm decoder, batch or threshold
-  codes), FVU, the aux_k loss and aux_zipf's candidates (Zipf fit of feature densities).
+  codes), FVU, the aux_k loss and aux_zipf's candidates (Zipf fit of feature densities);
+- :mod:`pertoken.sae.cache`: residual-stream activations into float16 shards (resumable,
+  shuffled across documents) and :class:`~pertoken.sae.cache.ActivationStore` to read them.
 
-Still to come (issue #5): activation caching, the trainer, threshold conversion, evaluation,
+Still to come (issue #5): the ``pertoken sae`` commands, the trainer, threshold conversion, evaluation,
 SAELens-format saving and the benchmark.
 """
 
 from pertoken._lazy import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
+    "ActivationStore": "pertoken.sae.cache",
+    "CacheConfig": "pertoken.sae.cache",
+    "cache_activations": "pertoken.sae.cache",
     "SAEConfig": "pertoken.sae.model",
     "SparseAutoencoder": "pertoken.sae.model",
     "aux_loss": "pertoken.sae.model",

@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import torch
+
+from pertoken.errors import UserError
+from pertoken.models import tiny_llama
+from pertoken.sae import cache as cache_module
+from pertoken.sae.cache import ActivationStore, CacheConfig, cache_activations, residual
+
+DOCS = [f"doc {i}: " + "lorem ipsum dolor sit amet " * (1 + i % 5) for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(seed=7, num_hidden_layers=3, hidden_size=32, intermediate_size=64)
+
+
+def test_the_hook_reads_hidden_states_l_plus_1_and_stops_there(tiny):
+    model, _ = tiny
+    ids = torch.randint(4, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model(input_ids=ids, output_hidden_states=True).hidden_states
+    ran = []
+    handle = model.model.layers[2].register_forward_hook(lambda *a: ran.append(1))
+    try:
+        for layer in (0, 1):
+            assert torch.allclose(residual(model, ids, layer), want[layer + 1], atol=1e-6)
+        assert not ran  # the layers above the hooked one never run
+    finally:
+        handle.remove()
+
+
+def _cfg(**kw):
+    base = dict(layer=1, tokens=700, context=16, batch_size=4, shard_tokens=64, shuffle_shards=2)
+    base.update(kw)
+    return CacheConfig(**base)
+
+
+def test_the_store_holds_exactly_the_activations_shuffled(tiny, tmp_path):
+    model, tok = tiny
+    meta = cache_activations(model, tok, DOCS, tmp_path / "acts", _cfg(), progress=False)
+    store = ActivationStore(tmp_path / "acts")
+    assert len(store) == meta["tokens"] == 700 and store.d_in == 32
+    stored = store.rows(np.arange(700)).numpy()
+    # the reference: the same packed sequences, position 0 dropped, in order
+    seqs = list(cache_module._sequences(tok, DOCS, 16, 0))[: (700 + 14) // 15]
+    direct = residual(model, torch.tensor(seqs), 1)[:, 1:].reshape(-1, 32)[:700]
+    direct = direct.float().numpy().astype(np.float16).astype(np.float32)
+    key = lambda a: a[np.lexsort(a.T[::-1])]
+    assert np.array_equal(key(stored), key(direct))
+    assert not np.array_equal(stored, direct)  # shuffled across documents
+    assert abs(store.scale ** 2 * np.mean((stored.astype(np.float64) ** 2).sum(1)) - 32) < 0.1
+
+
+def test_an_interrupted_cache_resumes_to_the_same_store(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    cache_activations(model, tok, DOCS, tmp_path / "full", _cfg(), progress=False)
+    real = cache_module.write_json_atomic
+    calls = []
+
+    def crash_on_second(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_module, "write_json_atomic", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(model, tok, DOCS, tmp_path / "cut", _cfg(), progress=False)
+    monkeypatch.setattr(cache_module, "write_json_atomic", real)
+    with pytest.raises(UserError, match="resume"):
+        cache_activations(model, tok, DOCS, tmp_path / "cut", _cfg(), progress=False)
+    with pytest.raises(UserError, match="other settings"):
+        cache_activations(model, tok, DOCS, tmp_path / "cut", _cfg(seed=3), resume=True,
+                          progress=False)
+    cache_activations(model, tok, DOCS, tmp_path / "cut", _cfg(), resume=True, progress=False)
+    a, b = ActivationStore(tmp_path / "full"), ActivationStore(tmp_path / "cut")
+    assert torch.equal(a.rows(np.arange(700)), b.rows(np.arange(700)))
+
+
+def test_bad_input_is_a_user_error(tiny, tmp_path):
+    model, tok = tiny
+    with pytest.raises(UserError, match="layer 3 does not exist"):
+        cache_activations(model, tok, DOCS, tmp_path / "a", _cfg(layer=3), progress=False)
+    with pytest.raises(UserError, match="no tokens"):
+        cache_activations(model, tok, [], tmp_path / "b", _cfg(), progress=False)
+    with pytest.raises(UserError, match="not an activation store"):
+        ActivationStore(tmp_path)
