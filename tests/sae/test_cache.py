@@ -86,3 +86,29 @@ def test_bad_input_is_a_user_error(tiny, tmp_path):
         cache_activations(model, tok, [], tmp_path / "b", _cfg(), progress=False)
     with pytest.raises(UserError, match="not an activation store"):
         ActivationStore(tmp_path)
+
+
+def _run(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "pertoken", "sae", "cache", *args],
+                          capture_output=True, text=True)
+
+
+def test_cli_cache_writes_a_store_and_rejects_bad_input_in_one_line(tiny, tmp_path):
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(DOCS))
+    done = _run("--model", str(tmp_path / "m"), "--layer", "1", "--corpus", str(corpus),
+                "--split", "all", "--tokens", "300", "--context", "16", "-o", str(tmp_path / "a"))
+    assert done.returncode == 0, done.stderr
+    assert len(ActivationStore(tmp_path / "a")) == 300
+    for bad, needle in ((["--layer", "5"], "does not exist"), (["--layer", "-1"], "does not exist"),
+                        (["--layer", "1", "--tokens", "0"], "tokens")):
+        done = _run("--model", str(tmp_path / "m"), "--corpus", str(corpus), "--split", "all",
+                    "--tokens", "300", *bad, "-o", str(tmp_path / "b"))
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and needle in lines[-1], done.stderr

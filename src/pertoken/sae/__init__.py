@@ -10,7 +10,9 @@ So far:
 - :mod:`pertoken.sae.cache`: residual-stream activations into float16 shards (resumable,
   shuffled across documents) and :class:`~pertoken.sae.cache.ActivationStore` to read them.
 
-Still to come (issue #5): the ``pertoken sae`` commands, the trainer, threshold conversion, evaluation,
+``pertoken sae cache`` writes a store from the command line.
+
+Still to come (issue #5): ``sae train`` and ``sae eval``, the trainer, threshold conversion, evaluation,
 SAELens-format saving and the benchmark.
 """
 
