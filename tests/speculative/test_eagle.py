@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from pertoken.errors import UserError
 from pertoken.models import tiny_llama
@@ -75,9 +76,6 @@ def test_runner_probabilities_match_a_from_scratch_recomputation(pair):
         committed = prompt[:-1]
         capture = FeatureCapture(target)
         try:
-            cache = torch.nn.Module()  # placeholder replaced below
-            from transformers import DynamicCache
-
             cache = DynamicCache(config=target.config)
             target(input_ids=torch.tensor([committed]), cache=cache, use_cache=True)
             runner = EagleRunner(head, TEMPERATURE, every_node=False)

@@ -44,8 +44,6 @@ def _cache(args) -> int:
     meta = cache_activations(model, tokenizer, corpus.documents(args.split), args.output, cfg,
                              model_name=args.model, corpus=f"{args.corpus}/{args.split}",
                              resume=args.resume)
-    if meta["tokens"] == 0:
-        raise UserError("the corpus gave no tokens to cache")
     print(f"{meta['tokens']} activations of layer {args.layer} (d={meta['d_in']}) in "
           f"{len(meta['shards'])} shards at {args.output}")
     return 0

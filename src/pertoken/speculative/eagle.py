@@ -29,6 +29,7 @@ from torch import nn
 
 from pertoken.atomic import atomic_path, write_json_atomic
 from pertoken.errors import UserError
+from pertoken.speculative.tree import compact_cache, tree_attention_mask, tree_position_ids
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +217,6 @@ class EagleRunner:
         return full.index_copy_(1, self.head.vocab, sub)
 
     def __call__(self, tree, nodes) -> torch.Tensor:
-        from pertoken.speculative.tree import tree_attention_mask, tree_position_ids
-
         n = len(tree)
         if self.fed == 0:  # the pending accepted tokens and the root, a chain after the cache
             tokens = self.pending_tokens + [tree.tokens[0]]
@@ -251,8 +250,6 @@ class EagleRunner:
     def commit(self, tree, path: list[int], features: torch.Tensor) -> None:
         """``path``: the root and the accepted nodes; ``features``: the target's features of
         them (``(len(path), hidden)``)."""
-        from pertoken.speculative.tree import compact_cache
-
         compact_cache(self.cache, torch.arange(self.prefix + 1))
         features = features.to(self.head.dtype)
         self.pending_tokens = [tree.tokens[i] for i in path[1:]]
