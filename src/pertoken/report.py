@@ -4,7 +4,8 @@ A result file is a JSON object. Its section is its ``method`` field (else the fi
 ``demo-`` prefix). Top-level scalars become a summary table, lists of objects become tables,
 and a ``plots`` list draws matplotlib figures, embedded as PNG data so the page opens from
 disk without a server. A plot is ``{"title", "kind": "line"|"bar", "x": [...],
-"series": {"name": [...]}, "xlabel", "ylabel", "logy": false}``.
+"series": {"name": [...]}, "xlabel", "ylabel", "logy": false}``; in a line plot a series may
+carry its own x values as ``{"x": [...], "y": [...]}``.
 """
 
 from __future__ import annotations
@@ -91,7 +92,10 @@ def plot_png(spec: dict) -> bytes:
                            if len(x) > 5 else "center")
     else:
         for name, values in series.items():
-            ax.plot(x, values, marker="o", label=name)
+            if isinstance(values, dict):  # a series with its own x values
+                ax.plot(values["x"], values["y"], marker="o", label=name)
+            else:
+                ax.plot(x, values, marker="o", label=name)
     if spec.get("logy"):
         ax.set_yscale("log")
     ax.set_title(spec.get("title", ""))

@@ -202,6 +202,34 @@ def cache_activations(model, tokenizer, documents, out: str | Path, cfg: CacheCo
     return meta
 
 
+def write_store(rows: np.ndarray, out: str | Path, shard_tokens: int = 65_536,
+                **settings) -> dict:
+    """Write ``rows`` (tokens x d, in the given order) as a complete store at ``out``, for
+    activations that come from elsewhere (tests, other tools); ``settings`` (``model``,
+    ``corpus``, ``layer``, ...) go into its metadata. Returns the metadata."""
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or rows.shape[0] == 0:
+        raise UserError("a store needs a non-empty (tokens x d) array")
+    out = Path(out)
+    if (out / META).exists():
+        raise UserError(f"{out} already holds an activation store")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"settings": settings, "d_in": int(rows.shape[1]), "layer": settings.get("layer"),
+            "dtype": "float16", "shards": [], "tokens": int(rows.shape[0]),
+            "sequences": None, "sum_sq_norm": float((rows.astype(np.float64) ** 2).sum()),
+            "complete": True}
+    for first in range(0, rows.shape[0], shard_tokens):
+        name = f"shard-{len(meta['shards']):05d}.npy"
+        shard = rows[first:first + shard_tokens].astype(np.float16)
+        with atomic_path(out / name) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, shard)
+        meta["shards"].append({"file": name, "tokens": int(shard.shape[0])})
+    meta["mean_sq_norm"] = meta["sum_sq_norm"] / meta["tokens"]
+    write_json_atomic(out / META, meta)
+    return meta
+
+
 class ActivationStore:
     """Read a store written by :func:`cache_activations` (shards memory-mapped)."""
 

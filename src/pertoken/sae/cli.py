@@ -1,4 +1,4 @@
-"""``pertoken sae ...`` commands (so far: ``cache``)."""
+"""``pertoken sae ...`` commands: ``cache``, ``train`` and ``eval``."""
 
 from __future__ import annotations
 
@@ -49,6 +49,125 @@ def _cache(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    import torch
+
+    from pertoken.atomic import write_json_atomic
+    from pertoken.sae.cache import ActivationStore
+    from pertoken.sae.metrics import evaluate
+    from pertoken.sae.io import hook_layer, load, read_config
+
+    config = read_config(args.sae)
+    sae = load(args.sae)
+    store = ActivationStore(args.acts)
+    if store.d_in != sae.cfg.d_in:
+        raise UserError(f"the SAE reads {sae.cfg.d_in}-dimensional activations but {args.acts} "
+                        f"holds {store.d_in}-dimensional ones")
+    sae_layer = hook_layer((config.get("metadata") or {}).get("hook_name"))
+    store_layer = store.meta.get("layer")
+    if sae_layer is not None and store_layer is not None and sae_layer != store_layer:
+        raise UserError(f"the SAE was trained on layer {sae_layer} but {args.acts} holds layer "
+                        f"{store_layer}")
+    layer = sae_layer if sae_layer is not None else store_layer
+    ce_plan = _ce_plan(args, store, layer) if args.model else None  # fail before evaluating
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    metrics = evaluate(sae, store, tokens=args.tokens, batch_size=args.batch_size,
+                       mode=args.mode)
+    ce = _ce(args, sae, layer, *ce_plan) if ce_plan else None
+    out = {"sae": str(args.sae), "acts": str(args.acts), **metrics,
+           "ce_loss_recovered": ce["ce_loss_recovered"] if ce else None, "ce": ce,
+           "model": args.model, "layer": layer}
+    if args.json:
+        write_json_atomic(args.json, out)
+    q = metrics["l0_quantiles"]
+    batch = f", B={metrics['batch_size']}" if metrics["mode"] == "batch" else ""
+    print(f"{sae.cfg.arch} SAE (width {sae.cfg.width}, k {sae.cfg.k}), {metrics['mode']} mode"
+          f"{batch}, {metrics['eval_tokens']:,} tokens")
+    print(f"FVU {metrics['fvu']:.4f}  L0 {metrics['l0']:.2f} (p10 {q['p10']:g}, median "
+          f"{q['p50']:g}, p90 {q['p90']:g})  dead {metrics['dead_features']}/{sae.cfg.width} "
+          f"({100 * metrics['dead_fraction']:.2f}%)")
+    if ce:
+        print(f"CE loss recovered {ce['ce_loss_recovered']:.4f}  delta CE {ce['delta_ce']:.4f}  "
+              f"KL score {ce['kl_score']:.4f} over {ce['tokens']:,} tokens "
+              f"(clean {ce['ce_clean']:.4f}, SAE {ce['ce_sae']:.4f}, zero {ce['ce_zero']:.4f})")
+    return 0
+
+
+def _ce_plan(args, store, layer) -> tuple:
+    """``(documents, context)`` for the CE loss, checked before anything heavy runs."""
+    from pertoken.data import open_corpus
+
+    settings = store.meta.get("settings", {})
+    if layer is None:
+        raise UserError("neither the SAE nor the store says which layer it reads: the CE loss "
+                        "needs one")
+    count = _layer_count(args.model)
+    if count is not None and layer >= count:
+        raise UserError(f"layer {layer} does not exist in {args.model}: it has layers "
+                        f"0-{count - 1}")
+    # the store records its corpus as "<corpus>/<split>"
+    corpus = args.corpus or (settings.get("corpus") or "").rsplit("/", 1)[0]
+    if not corpus:
+        raise UserError("the store does not name its corpus: pass --corpus for the CE loss")
+    documents = open_corpus(corpus, text_field=args.text_field).documents(args.split)
+    return documents, args.context or settings.get("context") or 256
+
+
+def _ce(args, sae, layer: int, documents, context: int) -> dict:
+    """CE loss recovered of ``sae`` spliced into ``--model``."""
+    from pertoken.models import load_model
+    from pertoken.sae.cache import check_layer
+    from pertoken.sae.metrics import ce_loss_recovered
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    check_layer(model, layer)
+    return ce_loss_recovered(sae, model, tokenizer, documents, layer, args.sequences,
+                             context=context, batch_size=args.ce_batch_size)
+
+
+def _train(args) -> int:
+    """Train one SAE; under ``torchrun`` every rank runs this with the same arguments."""
+    import os
+
+    import torch
+
+    from pertoken.sae.cache import ActivationStore
+    from pertoken.sae.model import SAEConfig
+    from pertoken.sae.train import TrainConfig, train_sae
+
+    sae_cfg = SAEConfig(d_in=1, width=args.width, k=args.k, arch=args.arch, aux=args.aux,
+                        aux_k=args.aux_k, aux_coef=args.aux_coef, aux_relu=not args.aux_raw,
+                        aux_scale_by_dead=args.aux_scale_by_dead, zipf_tau=args.zipf_tau,
+                        zipf_weighting=args.zipf_weighting, capacities=args.capacities,
+                        capacity_alpha=args.capacity_alpha, capacity_beta=args.capacity_beta)
+    sae_cfg.validate()
+    cfg = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr,
+                      warmup_steps=args.warmup_steps, dead_tokens=args.dead_tokens,
+                      grad_clip=args.grad_clip, checkpoint_every=args.checkpoint_every,
+                      seed=args.seed)
+    cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    store = ActivationStore(args.acts)
+    sae_cfg.d_in = store.d_in
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        torch.distributed.init_process_group("gloo")
+    try:
+        summary = train_sae(store, args.output, sae_cfg, cfg, resume=args.resume)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        final = summary["final"]
+        print(f"{args.arch} SAE (width {args.width}, k {args.k}, aux {args.aux}) after "
+              f"{summary['tokens']:,} tokens: FVU {final.get('fvu', float('nan')):.4f}, "
+              f"L0 {final.get('l0', float('nan')):.2f}, dead {final.get('dead', 0)}; "
+              f"{summary['tokens_per_second']:,.0f} tokens/s; saved to {args.output}")
+    return 0
+
+
 def add_commands(commands, parser_class, positive_int) -> None:
     from pertoken.models import DEFAULT_MODEL
 
@@ -73,3 +192,67 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("-o", "--output", required=True, help="folder for the store")
     p.set_defaults(func=_cache)
+
+    p = verbs.add_parser("train", help="train an SAE on a cached activation store "
+                                       "(runs unchanged under torchrun)")
+    p.add_argument("--acts", required=True, help="activation store (pertoken sae cache)")
+    p.add_argument("--arch", default="topk",
+                   choices=["topk", "batchtopk", "mutual-choice", "feature-choice"])
+    p.add_argument("--width", type=positive_int, default=4608, help="dictionary size F")
+    p.add_argument("--k", type=positive_int, default=32, help="features per token (budget kB)")
+    p.add_argument("--aux", default="auxk", choices=["none", "auxk", "zipf"])
+    p.add_argument("--aux-k", type=int, default=0, help="latents in the aux loss (0: d_in / 2)")
+    p.add_argument("--aux-coef", type=float, default=1 / 32)
+    p.add_argument("--aux-raw", action="store_true",
+                   help="aux loss on raw pre-activations (SAELens) instead of their ReLU (OpenAI)")
+    p.add_argument("--aux-scale-by-dead", action="store_true",
+                   help="scale the aux loss by min(candidates / aux-k, 1) (SAELens, sparsify)")
+    p.add_argument("--zipf-tau", type=float, default=4.0,
+                   help="aux_zipf: under-used below the Zipf fit / tau")
+    p.add_argument("--zipf-weighting", action="store_true",
+                   help="aux_zipf: weight candidates by min(1, log(fit/p)/log tau)")
+    p.add_argument("--capacities", default="uniform", choices=["uniform", "zipf"],
+                   help="Feature Choice capacities")
+    p.add_argument("--capacity-alpha", type=float, default=0.0,
+                   help="Zipf capacities' exponent (0: fitted to the features' TopK demand)")
+    p.add_argument("--capacity-beta", type=float, default=1.0)
+    p.add_argument("--tokens", type=positive_int, required=True, help="training tokens")
+    p.add_argument("--batch-size", type=positive_int, default=4608,
+                   help="tokens per step over all processes")
+    p.add_argument("--lr", type=float, default=0.0, help="0: 2e-4 / sqrt(width / 2^14)")
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--dead-tokens", type=int, default=0,
+                   help="tokens without firing before a latent counts as dead "
+                        "(0: a quarter of --tokens, at most 10M)")
+    p.add_argument("--grad-clip", type=float, default=0.0)
+    p.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("-o", "--output", required=True, help="folder for the SAE")
+    p.set_defaults(func=_train)
+
+    p = verbs.add_parser("eval", help="FVU, L0, dead fraction and CE loss recovered of a saved SAE")
+    p.add_argument("--sae", required=True, help="SAE folder written by pertoken (SAELens layout)")
+    p.add_argument("--acts", required=True, help="held-out activation store (pertoken sae cache)")
+    p.add_argument("--tokens", type=positive_int, default=None,
+                   help="tokens to evaluate (default: all)")
+    p.add_argument("--mode", choices=["batch", "threshold"], default=None,
+                   help="codes by the batch selection rule or token by token (default: threshold "
+                        "for Mutual/Feature Choice, batch for TopK)")
+    p.add_argument("--batch-size", type=positive_int, default=4608,
+                   help="tokens per batch in batch mode: use the training B")
+    p.add_argument("--model", default=None,
+                   help="model for CE loss recovered (alias, folder or .gguf; none: skip CE)")
+    p.add_argument("--corpus", default=None, help="corpus for CE loss (default: the store's)")
+    p.add_argument("--split", default="heldout", choices=["train", "heldout", "all"])
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--sequences", type=positive_int, default=64,
+                   help="sequences scored for CE loss")
+    p.add_argument("--context", type=positive_int, default=None,
+                   help="tokens per sequence for CE loss (default: the store's context)")
+    p.add_argument("--ce-batch-size", type=positive_int, default=4)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--json", default=None, help="write the metrics as JSON here")
+    p.set_defaults(func=_eval)

@@ -40,6 +40,12 @@ class SAEConfig:
     """aux_zipf: a feature is under-used when its density is below the Zipf fit / tau"""
     zipf_weighting: bool = False
     """aux_zipf: weight feature j by ``min(1, log(fit / p_j) / log tau)``"""
+    capacities: str = "uniform"
+    """Feature Choice capacities: ``uniform`` (m = kB/F) or ``zipf`` (spec §1.2)"""
+    capacity_alpha: float = 0.0
+    """Zipf capacities' exponent (0: fitted during training to the features' TopK demand)"""
+    capacity_beta: float = 1.0
+    """Zipf capacities' rank offset beta"""
 
     def validate(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -54,6 +60,16 @@ class SAEConfig:
             raise UserError(f"aux-k must be >= 0, got {self.aux_k}")
         if self.zipf_tau <= 1:
             raise UserError(f"zipf tau must be above 1, got {self.zipf_tau}")
+        if self.capacities not in ("uniform", "zipf"):
+            raise UserError(f"unknown capacities {self.capacities!r}: choose uniform or zipf")
+        if self.capacity_alpha < 0 or self.capacity_beta < 0:
+            raise UserError("Zipf capacity alpha and beta must be >= 0")
+
+    @property
+    def batch_dependent(self) -> bool:
+        """Whether a token's code depends on the rest of its batch (Mutual and Feature Choice);
+        such SAEs encode single tokens through thresholds."""
+        return self.arch != "topk"
 
     @property
     def effective_aux_k(self) -> int:
@@ -91,6 +107,12 @@ class SparseAutoencoder(nn.Module):
             return z * (z > self.threshold)
         mask = select(z.detach(), self.cfg.arch, self.cfg.k, capacities)
         return torch.relu(z) * mask
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Token-by-token codes: TopK's own rule, or the inference thresholds of a batch-dependent
+        selection (spec §1.3)."""
+        z = self.pre_activations(x)
+        return self.codes(z, "threshold" if self.cfg.batch_dependent else "batch")
 
     def decode(self, a: torch.Tensor) -> torch.Tensor:
         return a @ self.W_dec.t() + self.b_pre

@@ -1,0 +1,340 @@
+"""Benchmark adaptive-sparsity SAEs on SmolLM2-135M-Instruct's residual stream (issue #5).
+
+Activations: layer 19 of 30 (about two thirds deep), context 256, position 0 dropped, docs-en:
+``--train-tokens`` (default 2M) from the train split and ``--heldout-tokens`` (200k) from the
+held-out split, cached once with ``pertoken sae cache``.
+
+Runs (width 4608, batch 4608 tokens, each k of ``--ks``): TopK + aux_k, Mutual Choice + aux_k
+(= BatchTopK), Mutual Choice + aux_zipf, Feature Choice with uniform and with Zipf capacities,
+each trained by ``pertoken sae train`` in its own process; and SAELens's own TopK and BatchTopK
+trainers (``SAETrainer``) on the same activations, scaled the same way, with the same width, k,
+batch, tokens, learning rate and schedule (``--saelens-ks``, default 32). Every run uses
+``--threads`` torch threads (default 2) and runs alone.
+
+Evaluation on the held-out store: FVU, realised L0 (and its per-token distribution) and dead
+fraction, in batch mode (B = 4608) and threshold mode (token by token); CE loss recovered and KL
+with the SAE spliced into the model for the k = 32 runs. Writes docs/results/sae.json and .md
+with plots of FVU against realised L0 and feature-density histograms. Trained SAEs stay under
+$PERTOKEN_CACHE/bench/sae; a rerun reuses finished runs and resumes unfinished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pertoken.bench import environment, markdown_table, write_results
+from pertoken.models import DEFAULT_MODEL, cache_dir
+
+LAYER = 19
+VARIANTS = {
+    "topk+auxk": ["--arch", "topk", "--aux", "auxk"],
+    "mc+auxk": ["--arch", "mutual-choice", "--aux", "auxk"],
+    "mc+zipf": ["--arch", "mutual-choice", "--aux", "zipf"],
+    "fc-uniform": ["--arch", "feature-choice", "--aux", "auxk"],
+    "fc-zipf": ["--arch", "feature-choice", "--aux", "auxk", "--capacities", "zipf"],
+}
+SAELENS = {"saelens-topk": "topk", "saelens-batchtopk": "batchtopk"}
+
+
+def _run(cmd: list[str], threads: int) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=env)
+
+
+def cache(args, work: Path) -> tuple[Path, Path]:
+    stores = {}
+    for split, tokens in (("train", args.train_tokens), ("heldout", args.heldout_tokens)):
+        out = work / f"acts-{split}-{tokens}"
+        meta = out / "meta.json"
+        if not (meta.is_file() and json.loads(meta.read_text()).get("complete")):
+            cmd = [sys.executable, "-m", "pertoken", "sae", "cache", "--model", args.model,
+                   "--layer", str(LAYER), "--corpus", "docs-en", "--split", split,
+                   "--tokens", str(tokens), "--threads", str(args.threads), "-o", str(out)]
+            if meta.is_file():
+                cmd.append("--resume")
+            _run(cmd, args.threads)
+        stores[split] = out
+    return stores["train"], stores["heldout"]
+
+
+def train_ours(args, acts: Path, folder: Path, extra: list[str], k: int) -> None:
+    if (folder / "training.json").is_file():
+        return
+    cmd = [sys.executable, "-m", "pertoken", "sae", "train", "--acts", str(acts),
+           "--width", str(args.width), "--k", str(k), "--tokens", str(args.train_tokens),
+           "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+           "-o", str(folder), *extra]
+    if (folder / ".train" / "checkpoint.pt").is_file():
+        cmd.append("--resume")
+    _run(cmd, args.threads)
+
+
+def train_saelens(args, acts: Path, folder: Path, arch: str, k: int) -> None:
+    """SAELens's trainer in a fresh process (this script with ``--saelens-run``)."""
+    if (folder / "training.json").is_file():
+        return
+    _run([sys.executable, __file__, "--saelens-run", arch, "--k", str(k), "--acts", str(acts),
+          "--width", str(args.width), "--batch-size", str(args.batch_size),
+          "--train-tokens", str(args.train_tokens), "--threads", str(args.threads),
+          "--out", str(folder)], args.threads)
+
+
+def saelens_run(args) -> None:
+    """Train one SAE with SAELens's ``SAETrainer`` on our store (scaled by the store's scale,
+    as ours are), convert it to our class and save it in raw units with ``save_sae``."""
+    import numpy as np
+    import torch
+    from sae_lens import (SAE, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig,
+                          TopKTrainingSAE, TopKTrainingSAEConfig)
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from pertoken.atomic import write_json_atomic
+    from pertoken.sae.cache import ActivationStore
+    from pertoken.sae.io import save_sae
+    from pertoken.sae.model import SAEConfig, SparseAutoencoder
+    from pertoken.sae.train import TrainConfig
+
+    torch.set_num_threads(args.threads)
+    store = ActivationStore(args.acts)
+    ours = TrainConfig(tokens=args.train_tokens, batch_size=args.batch_size)
+    steps = ours.steps
+    batch = args.batch_size
+
+    def batches():
+        step = 0
+        while True:
+            rows = np.arange(step * batch, (step + 1) * batch) % len(store)
+            yield store.rows(rows) * store.scale
+            step += 1
+
+    common = dict(d_in=store.d_in, d_sae=args.width, k=args.k, dtype="float32", device="cpu")
+    if args.saelens_run == "topk":
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(**common))
+    else:
+        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=steps * batch, train_batch_size_samples=batch,
+        lr=ours.effective_lr(args.width), lr_warm_up_steps=ours.warmup_steps,
+        lr_decay_steps=int(steps * ours.decay_fraction), lr_end=0.0,
+        dead_feature_window=max(1, ours.effective_dead_tokens() // batch),
+        logger=LoggingConfig(log_to_wandb=False))
+    trainer = SAETrainer(trainer_cfg, sae, batches())
+    began = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - began
+    folder = Path(args.out)
+    tmp = folder.with_name(folder.name + ".saelens")
+    trainer.sae.save_inference_model(str(tmp)) if hasattr(trainer.sae, "save_inference_model") \
+        else trainer.sae.save_model(str(tmp))
+    inference = SAE.load_from_disk(str(tmp))
+    if getattr(inference.cfg, "rescale_acts_by_decoder_norm", False):
+        inference.fold_W_dec_norm()
+    arch = "topk" if args.saelens_run == "topk" else "batchtopk"
+    mine = SparseAutoencoder(SAEConfig(d_in=store.d_in, width=args.width, k=args.k, arch=arch,
+                                       aux="none"))
+    with torch.no_grad():
+        mine.W_enc.copy_(inference.W_enc.t())
+        mine.W_dec.copy_(inference.W_dec.t())
+        mine.b_enc.copy_(inference.b_enc)
+        mine.b_pre.copy_(inference.b_dec)
+        if arch == "batchtopk":
+            mine.threshold.copy_(inference.threshold)
+    save_sae(mine, folder, scale=store.scale,
+             metadata={"model_name": store.meta["settings"].get("model"),
+                       "hook_name": f"model.layers.{store.meta['layer']}", "trainer": "sae-lens"})
+    write_json_atomic(folder / "training.json", {
+        "trainer": "sae-lens", "arch": args.saelens_run, "steps": steps,
+        "tokens": steps * batch, "batch_size": batch, "threads": args.threads,
+        "seconds": seconds, "tokens_per_second": steps * batch / seconds,
+        "lr": trainer_cfg.lr, "dead_feature_window_steps": trainer_cfg.dead_feature_window,
+        "saelens_defaults_kept": {"decoder_init_norm": sae.cfg.decoder_init_norm,
+                                  "rescale_acts_by_decoder_norm":
+                                      sae.cfg.rescale_acts_by_decoder_norm,
+                                  "aux_loss_coefficient": sae.cfg.aux_loss_coefficient}})
+
+
+def evaluate_run(args, folder: Path, heldout: Path, with_ce: bool) -> dict:
+    cached = folder / "eval.json"
+    if cached.is_file():
+        result = json.loads(cached.read_text())
+        if result.get("ce") is not None or not with_ce:
+            return result
+    import torch
+
+    from pertoken.atomic import write_json_atomic
+    from pertoken.sae.cache import ActivationStore
+    from pertoken.sae.metrics import ce_loss_recovered, evaluate
+    from pertoken.sae.io import load
+
+    sae = load(folder)
+    store = ActivationStore(heldout)
+    modes = ["batch", "threshold"] if sae.cfg.batch_dependent else ["batch"]
+    training = json.loads((folder / "training.json").read_text())
+    caps = training.get("capacities")  # Zipf Feature Choice: the capacities it ended with
+    caps = torch.tensor(caps) if caps else None
+    result = {"modes": {m: evaluate(sae, store, batch_size=args.batch_size, mode=m,
+                                    capacities=caps) for m in modes}, "ce": None}
+    if with_ce:
+        from pertoken.data import open_corpus
+        from pertoken.models import load_model
+
+        model, tokenizer = load_model(args.model)
+        docs = open_corpus("docs-en").documents("heldout")
+        result["ce"] = ce_loss_recovered(sae, model, tokenizer, docs, LAYER, args.ce_sequences,
+                                         context=256)
+    write_json_atomic(cached, result)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--train-tokens", type=int, default=2_000_000)
+    parser.add_argument("--heldout-tokens", type=int, default=200_000)
+    parser.add_argument("--width", type=int, default=4608)
+    parser.add_argument("--batch-size", type=int, default=4608)
+    parser.add_argument("--ks", default="16,32,64")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--saelens-ks", default="32")
+    parser.add_argument("--ce-k", type=int, default=32, help="k of the runs scored for CE loss")
+    parser.add_argument("--ce-sequences", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results-dir", default="docs/results")
+    parser.add_argument("--work-dir", default=None)
+    parser.add_argument("--stage", choices=["cache", "train", "all"], default="all")
+    # internal: one SAELens run in this process
+    parser.add_argument("--saelens-run", choices=["topk", "batchtopk"], default=None)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--acts", default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.saelens_run:
+        saelens_run(args)
+        return
+    work = Path(args.work_dir) if args.work_dir else cache_dir() / "bench" / "sae"
+    acts, heldout = cache(args, work)
+    if args.stage == "cache":
+        return
+    ks = [int(k) for k in args.ks.split(",")]
+    runs = []
+    for k in ks:
+        for name in args.variants.split(","):
+            runs.append((name, k, work / f"runs-{args.train_tokens}" / f"{name}-k{k}"))
+    for k in [int(k) for k in args.saelens_ks.split(",") if k]:
+        for name in SAELENS:
+            runs.append((name, k, work / f"runs-{args.train_tokens}" / f"{name}-k{k}"))
+    for name, k, folder in runs:
+        print(f"== {name} k={k}", flush=True)
+        if name in VARIANTS:
+            train_ours(args, acts, folder, VARIANTS[name], k)
+        else:
+            train_saelens(args, acts, folder, SAELENS[name], k)
+    if args.stage == "train":
+        return
+    report(args, runs, acts, heldout)
+
+
+def report(args, runs, acts: Path, heldout: Path) -> None:
+    rows, densities = [], {}
+    for name, k, folder in runs:
+        training = json.loads((folder / "training.json").read_text())
+        result = evaluate_run(args, folder, heldout, with_ce=k == args.ce_k)
+        for mode, m in result["modes"].items():
+            row = {"run": name, "k": k, "mode": mode, "fvu": m["fvu"], "l0": m["l0"],
+                   "dead_fraction": m["dead_fraction"], "eval_tokens": m["eval_tokens"],
+                   "tokens_per_second": training["tokens_per_second"],
+                   "train_seconds": training["seconds"]}
+            if result["ce"]:
+                row.update(ce_loss_recovered=result["ce"]["ce_loss_recovered"],
+                           kl_score=result["ce"].get("kl_score"),
+                           delta_ce=result["ce"].get("delta_ce"))
+            rows.append(row)
+        if k == args.ce_k:
+            main_mode = "threshold" if "threshold" in result["modes"] else "batch"
+            densities[name] = result["modes"][main_mode].get("feature_density")
+    acceptance = _acceptance(rows, args.ce_k)
+    plots = _plots(rows, densities)
+    result = {"method": "sae", "title": "Adaptive-sparsity SAEs against TopK and SAELens",
+              "model": args.model, "layer": LAYER, "train_tokens": args.train_tokens,
+              "heldout_tokens": args.heldout_tokens, "width": args.width,
+              "batch_size": args.batch_size, "threads": args.threads,
+              "environment": environment(), "acceptance": acceptance, "results": rows,
+              "plots": plots}
+    columns = ["run", "k", "mode", "fvu", "l0", "dead_fraction", "ce_loss_recovered",
+               "kl_score", "tokens_per_second", "train_seconds"]
+    markdown = (f"# Sparse autoencoders: {args.model}, layer {LAYER}\n\n"
+                f"{args.train_tokens:,} training tokens of docs-en, {args.heldout_tokens:,} "
+                f"held-out; width {args.width}, batch {args.batch_size}; {args.threads} torch "
+                f"threads per run, one run at a time.\n\n## Acceptance\n\n"
+                + "\n".join(f"- {k}: {v}" for k, v in acceptance.items())
+                + "\n\n## All runs\n\n" + markdown_table(rows, columns))
+    path = write_results(Path(args.results_dir), "sae", result, markdown)
+    print(markdown)
+    print(f"wrote {path}")
+
+
+def _find(rows, run, k, mode):
+    return next((r for r in rows if r["run"] == run and r["k"] == k and r["mode"] == mode), None)
+
+
+def _acceptance(rows, k) -> dict:
+    out = {}
+    topk = _find(rows, "topk+auxk", k, "batch")
+    mc_b, mc_t = _find(rows, "mc+auxk", k, "batch"), _find(rows, "mc+auxk", k, "threshold")
+    if topk and mc_b and mc_t:
+        out["mc_vs_topk_batch_fvu_ratio"] = mc_b["fvu"] / topk["fvu"]
+        out["mc_vs_topk_threshold_fvu_ratio"] = mc_t["fvu"] / topk["fvu"]
+        out["l0 (topk, mc batch, mc threshold)"] = [topk["l0"], mc_b["l0"], mc_t["l0"]]
+    zipf = _find(rows, "mc+zipf", k, "threshold")
+    if zipf:
+        out["mc+zipf_threshold_dead_fraction"] = zipf["dead_fraction"]
+    for ours, theirs in (("topk+auxk", "saelens-topk"), ("mc+auxk", "saelens-batchtopk")):
+        a, b = _find(rows, ours, k, "batch"), _find(rows, theirs, k, "batch")
+        if a and b:
+            out[f"{ours}_vs_{theirs}_tokens_per_second_ratio"] = (a["tokens_per_second"]
+                                                                  / b["tokens_per_second"])
+            out[f"{ours}_vs_{theirs}_fvu_ratio"] = a["fvu"] / b["fvu"]
+    return out
+
+
+def _plots(rows, densities) -> list[dict]:
+    plots = []
+    for mode in ("batch", "threshold"):
+        series = {}
+        for r in rows:
+            if r["mode"] == mode or (mode == "threshold" and r["run"] in
+                                     ("topk+auxk", "saelens-topk") and r["mode"] == "batch"):
+                series.setdefault(r["run"], {"x": [], "y": []})
+                series[r["run"]]["x"].append(r["l0"])
+                series[r["run"]]["y"].append(r["fvu"])
+        plots.append({"title": f"FVU against realised L0 ({mode} mode)", "series": series,
+                      "xlabel": "realised L0", "ylabel": "held-out FVU", "logy": True})
+    bins = [-8 + 0.5 * i for i in range(17)]
+    hist = {}
+    for name, dens in densities.items():
+        if not dens:
+            continue
+        counts = [0] * (len(bins) - 1)
+        for p in dens:
+            v = math.log10(p) if p > 0 else -math.inf
+            i = min(max(int((v - bins[0]) // 0.5), 0), len(counts) - 1)
+            counts[i] += 1
+        hist[name] = counts
+    if hist:
+        plots.append({"title": "Feature densities on held-out data (k = 32; dead in the "
+                               "leftmost bin)", "kind": "bar", "x": [f"{b:g}" for b in bins[:-1]],
+                      "series": hist, "xlabel": "log10 firing rate", "ylabel": "features"})
+    return plots
+
+
+if __name__ == "__main__":
+    main()
