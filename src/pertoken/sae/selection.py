@@ -25,7 +25,9 @@ def _fill_ties(values: torch.Tensor, threshold: torch.Tensor, want: torch.Tensor
     ``want - (number above)`` along ``dim`` (thresholds and counts broadcast along ``dim``)."""
     above = values > threshold
     equal = values == threshold
-    room = want - above.sum(dim, keepdim=True)
+    room = want - torch.count_nonzero(above, dim=dim).unsqueeze(dim)
+    if bool((torch.count_nonzero(equal, dim=dim).unsqueeze(dim) <= room).all()):
+        return above | equal  # every tie fits (the usual case in float32): no running count
     return above | (equal & (equal.cumsum(dim) <= room))
 
 

@@ -9,9 +9,8 @@ as running means (spec §1.3): Mutual Choice one global value, the batch's small
 positive pre-activation; Feature Choice one per feature, its ``m_j``-th largest.
 
 The forward and backward passes are sparse where the codes are: only the encoder's forward is
-a dense (B x F) matmul; the decoder and every gradient run through ``embedding_bag`` sums over
-the selected (token, feature) pairs, so a step costs about a third of dense autograd. The
-dense :class:`~pertoken.sae.model.SparseAutoencoder` forward and
+a dense (B x F) matmul; the decoder and every gradient are CSR matmuls over the selected
+(token, feature) pairs (and the aux loss touches only its candidates' columns). The dense :class:`~pertoken.sae.model.SparseAutoencoder` forward and
 :func:`~pertoken.sae.model.aux_loss` are the reference the tests hold this path to.
 
 Under ``torchrun`` (gloo on CPU) each rank takes its slice of the global batch; the selection
@@ -25,12 +24,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pertoken.atomic import atomic_path, write_json_atomic
 from pertoken.errors import UserError
@@ -161,8 +160,8 @@ def global_batch_topk(z: torch.Tensor, k: int, budget: int, comm: Comm):
     if cand.numel() < budget:
         cand = torch.cat([cand, cand.new_full((budget - cand.numel(),), -math.inf)])
     kth = torch.topk(torch.cat(comm.gather(cand)), budget).values[-1]
-    above = (flat > kth).sum().reshape(1)
-    equal = (flat == kth).sum().reshape(1)
+    above = torch.count_nonzero(flat > kth).reshape(1)
+    equal = torch.count_nonzero(flat == kth).reshape(1)
     room = budget - comm.sum(above.clone())
     allowed = _allowed_ties(room, comm.gather(equal), comm.rank)
     mask = _fill_ties(flat, kth, above + allowed, dim=0).view_as(z)
@@ -184,8 +183,8 @@ def global_feature_choice(z: torch.Tensor, capacities: torch.Tensor, comm: Comm)
         local = torch.cat([local, local.new_full((top - local.shape[0], f), -math.inf)])
     merged = torch.topk(torch.cat(comm.gather(local)), top, dim=0).values
     kth = merged.gather(0, (caps - 1).clamp(min=0)[None])[0]
-    above = (z > kth).sum(0)
-    equal = (z == kth).sum(0)
+    above = torch.count_nonzero(z > kth, dim=0)
+    equal = torch.count_nonzero(z == kth, dim=0)
     room = caps - comm.sum(above.clone())
     allowed = _allowed_ties(room, comm.gather(equal), comm.rank)
     mask = _fill_ties(z, kth[None], (above + allowed)[None], dim=0) & (caps > 0)[None]
@@ -206,15 +205,20 @@ def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> to
     return m.float()
 
 
-def _offsets(sorted_ids: torch.Tensor, bags: int) -> torch.Tensor:
-    return torch.searchsorted(sorted_ids, torch.arange(bags, dtype=sorted_ids.dtype))
+def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+         shape: tuple[int, int]) -> torch.Tensor:
+    """A CSR matrix from row-major sorted (``rows``, ``cols``) pairs."""
+    crow = torch.searchsorted(rows, torch.arange(shape[0] + 1, dtype=rows.dtype))
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
 class _Selected(torch.autograd.Function):
     """Pre-activations ``z[rows, cols]`` (already computed without autograd and passed as
-    ``values``) as a function of ``x - b_pre``, ``W_enc`` and ``b_enc``; the backward pass
-    sums over the selected pairs with ``embedding_bag`` and never forms a dense (B x F)
-    gradient. ``rows`` must be sorted."""
+    ``values``) as a function of ``x - b_pre``, ``W_enc`` and ``b_enc``. The backward pass
+    multiplies the sparse (B x F) gradient as a CSR matrix, never forming it densely.
+    ``(rows, cols)`` must be row-major sorted."""
 
     @staticmethod
     def forward(ctx, xe, w_enc, b_enc, rows, cols, values):
@@ -224,19 +228,33 @@ class _Selected(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         xe, w_enc, rows, cols = ctx.saved_tensors
-        d_b = torch.zeros(w_enc.shape[0], dtype=grad.dtype).index_add_(0, cols, grad)
-        d_xe = F.embedding_bag(cols, w_enc, _offsets(rows, xe.shape[0]), mode="sum",
-                               per_sample_weights=grad)
-        order = torch.argsort(cols, stable=True)
-        d_w = F.embedding_bag(rows[order], xe, _offsets(cols[order], w_enc.shape[0]),
-                              mode="sum", per_sample_weights=grad[order])
+        g = _csr(rows, cols, grad, (xe.shape[0], w_enc.shape[0]))
+        d_b = torch.bincount(cols, weights=grad, minlength=w_enc.shape[0]).to(grad.dtype)
+        d_xe = g @ w_enc
+        d_w = g.t().to_sparse_csr() @ xe
         return d_xe, d_w, d_b, None, None, None
 
 
-def _decode(w_dec_t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-            acts: torch.Tensor, tokens: int) -> torch.Tensor:
-    return F.embedding_bag(cols, w_dec_t, _offsets(rows, tokens), mode="sum",
-                           per_sample_weights=acts)
+class _Decode(torch.autograd.Function):
+    """``A @ W_dec^T`` for the sparse codes ``A`` (values ``acts`` at row-major sorted
+    ``(rows, cols)``), by CSR matmuls; the codes' gradient is the sampled product
+    ``(G W_dec)[rows, cols]`` (``torch.sparse.sampled_addmm``)."""
+
+    @staticmethod
+    def forward(ctx, acts, w_dec, rows, cols, tokens):
+        a = _csr(rows, cols, acts, (tokens, w_dec.shape[1]))
+        ctx.save_for_backward(acts, w_dec, rows, cols)
+        ctx.tokens = tokens
+        return a @ w_dec.t().contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        acts, w_dec, rows, cols = ctx.saved_tensors
+        shape = (ctx.tokens, w_dec.shape[1])
+        pattern = _csr(rows, cols, torch.zeros_like(acts), shape)
+        d_acts = torch.sparse.sampled_addmm(pattern, grad.contiguous(), w_dec, beta=0.0).values()
+        d_w = (_csr(rows, cols, acts, shape).t().to_sparse_csr() @ grad).t()
+        return d_acts, d_w, None, None, None
 
 
 class Trainer:
@@ -296,9 +314,7 @@ class Trainer:
             return topk_mask(z, k), None
         if arch in ("batchtopk", "mutual-choice"):
             mask, _ = global_batch_topk(z, k, k * self.cfg.batch_size, self.comm)
-            picked = z[mask]
-            low = picked[picked > 0].min() if (picked > 0).any() else z.new_tensor(math.inf)
-            return mask, self.comm.min(low.reshape(1).clone())[0]
+            return mask, "smallest selected"
         if self.sae.cfg.capacities == "zipf" and self.step_index % self.cfg.capacity_every == 0:
             self._update_capacities(z)
         mask, kth = global_feature_choice(z, self.capacities, self.comm)
@@ -351,9 +367,12 @@ class Trainer:
             values = z[rows, cols]
             keep = values > 0  # the ReLU zeroes the others (and their gradient)
             rows, cols, values = rows[keep], cols[keep], values[keep]
+            if isinstance(stat, str):  # Mutual Choice: the smallest selected positive value
+                low = values.min() if values.numel() else z.new_tensor(math.inf)
+                stat = comm.min(low.reshape(1).clone())[0]
         xe = x - sae.b_pre
         acts = _Selected.apply(xe, sae.W_enc, sae.b_enc, rows, cols, values)
-        x_hat = _decode(sae.W_dec.t(), rows, cols, acts, x.shape[0]) + sae.b_pre
+        x_hat = _Decode.apply(acts, sae.W_dec, rows, cols, x.shape[0]) + sae.b_pre
         sq = (x - x_hat).pow(2).sum()
         loss = sq / (cfg.batch_size * self.variance)
         aux_value = torch.zeros(())
@@ -410,24 +429,26 @@ class Trainer:
                          weighting=self.sae.cfg.zipf_weighting)
 
     def _aux(self, x, x_hat, z, xe, candidates, weights):
-        """The aux_k loss of :func:`~pertoken.sae.model.aux_loss`, sparse and with the
-        residual's centring taken over the global batch."""
+        """The aux_k loss of :func:`~pertoken.sae.model.aux_loss`, with the residual's
+        centring taken over the global batch. Only the candidate latents' columns enter the
+        (dense) matmuls, so it costs in proportion to their number."""
         sae, comm = self.sae, self.comm
-        n = int(candidates.sum())
+        index = candidates.nonzero().squeeze(1)
+        n = index.numel()
         kk = min(sae.cfg.effective_aux_k, n)
         with torch.no_grad():
-            values, index = torch.topk(z.masked_fill(~candidates, -math.inf), kk, dim=1)
-            rows = torch.arange(x.shape[0]).repeat_interleave(kk)
-            cols = index.reshape(-1)
             e = (x - x_hat).detach()
             mean = comm.sum(e.sum(0).double()) / self.cfg.batch_size
             den = comm.sum((e.double() - mean).pow(2).sum().reshape(1))[0].clamp(min=1e-12)
-        acts = _Selected.apply(xe, sae.W_enc, sae.b_enc, rows, cols, values.reshape(-1))
-        if sae.cfg.aux_relu:
-            acts = torch.relu(acts)
+        pre = xe @ sae.W_enc[index].t() + sae.b_enc[index]  # (B, candidates)
+        acts = torch.relu(pre) if sae.cfg.aux_relu else pre
+        if kk < n:
+            keep = torch.zeros_like(pre, dtype=torch.bool)
+            keep.scatter_(1, torch.topk(pre.detach(), kk, dim=1).indices, True)
+            acts = acts * keep
         if weights is not None:
-            acts = acts * weights[cols]
-        e_hat = _decode(sae.W_dec.t(), rows, cols, acts, x.shape[0])
+            acts = acts * weights[index]
+        e_hat = acts @ sae.W_dec[:, index].t()
         loss = (e - e_hat).pow(2).sum() / den.float()
         if sae.cfg.aux_scale_by_dead:
             loss = loss * min(n / sae.cfg.effective_aux_k, 1.0)
