@@ -112,3 +112,25 @@ def test_cli_cache_writes_a_store_and_rejects_bad_input_in_one_line(tiny, tmp_pa
                     "--tokens", "300", *bad, "-o", str(tmp_path / "b"))
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and needle in lines[-1], done.stderr
+
+
+def test_attention_sink_outliers_are_dropped_and_counted(tiny, tmp_path):
+    model, tok = tiny
+    cfg = _cfg(outlier_ratio=1.0)  # a tiny model has no sinks: drop everything above the median
+    meta = cache_activations(model, tok, DOCS, tmp_path / "acts", cfg, progress=False)
+    store = ActivationStore(tmp_path / "acts")
+    stored = store.rows(np.arange(len(store))).numpy()
+    seqs = list(cache_module._sequences(tok, DOCS, 16, 0))[: meta["sequences"]]
+    direct = []
+    for first in range(0, len(seqs), cfg.batch_size):  # the rule is per forward batch
+        rows = residual(model, torch.tensor(seqs[first:first + cfg.batch_size]), 1)[:, 1:]
+        rows = rows.reshape(-1, 32)
+        direct.append(rows[~cache_module.outlier_mask(rows, 1.0)])
+    direct = torch.cat(direct)[:700].float().numpy().astype(np.float16).astype(np.float32)
+    key = lambda a: a[np.lexsort(a.T[::-1])]
+    assert len(store) == 700 and np.array_equal(key(stored), key(direct))
+    assert meta["outliers_dropped"] > 0.3 * 700
+    x = torch.randn(50, 4)
+    x[7] *= 100
+    assert cache_module.outlier_mask(x, 10.0).nonzero().flatten().tolist() == [7]
+    assert not cache_module.outlier_mask(x, 0).any()

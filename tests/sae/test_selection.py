@@ -90,3 +90,15 @@ def test_zipf_capacities_sum_to_the_budget_decrease_with_rank_and_clamp():
     assert steep.tolist() == [5, 5, 3, 1, 1, 0, 0, 0, 0, 0]  # k * B = 15
     flat = zipf_capacities(torch.arange(8), tokens=8, k=4, alpha=0.0, beta=1.0)
     assert flat.tolist() == [4] * 8
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_our_selections_give_saelens_activations(k):
+    """Spec §6.1: the same pre-activations through SAELens's TopK and BatchTopK activation
+    modules and through our masks then ReLU give the same codes."""
+    from sae_lens.saes.batchtopk_sae import BatchTopK
+    from sae_lens.saes.topk_sae import TopK
+
+    z = torch.randn(37, 50, generator=torch.Generator().manual_seed(k)) - 0.3
+    assert torch.equal(TopK(k)(z), torch.relu(z) * topk_mask(z, k))
+    assert torch.equal(BatchTopK(k)(z), torch.relu(z) * batch_topk_mask(z, k))

@@ -29,6 +29,7 @@ def _cache(args) -> int:
     from pertoken.sae.cache import CacheConfig, cache_activations, check_layer
 
     cfg = CacheConfig(layer=args.layer, tokens=args.tokens, context=args.context,
+                      outlier_ratio=args.outlier_ratio,
                       skip_first=not args.keep_first, batch_size=args.batch_size,
                       shard_tokens=args.shard_tokens, seed=args.seed)
     cfg.validate()
@@ -95,7 +96,8 @@ def _eval(args) -> int:
 
 
 def _ce_plan(args, store, layer) -> tuple:
-    """``(documents, context)`` for the CE loss, checked before anything heavy runs."""
+    """``(documents, context, outlier ratio)`` for the CE loss, checked before anything heavy
+    runs; the splice leaves alone the outlier tokens the store's cache dropped."""
     from pertoken.data import open_corpus
 
     settings = store.meta.get("settings", {})
@@ -111,10 +113,11 @@ def _ce_plan(args, store, layer) -> tuple:
     if not corpus:
         raise UserError("the store does not name its corpus: pass --corpus for the CE loss")
     documents = open_corpus(corpus, text_field=args.text_field).documents(args.split)
-    return documents, args.context or settings.get("context") or 256
+    return (documents, args.context or settings.get("context") or 256,
+            settings.get("outlier_ratio", 0.0))
 
 
-def _ce(args, sae, layer: int, documents, context: int) -> dict:
+def _ce(args, sae, layer: int, documents, context: int, outlier_ratio: float) -> dict:
     """CE loss recovered of ``sae`` spliced into ``--model``."""
     from pertoken.models import load_model
     from pertoken.sae.cache import check_layer
@@ -123,7 +126,8 @@ def _ce(args, sae, layer: int, documents, context: int) -> dict:
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     check_layer(model, layer)
     return ce_loss_recovered(sae, model, tokenizer, documents, layer, args.sequences,
-                             context=context, batch_size=args.ce_batch_size)
+                             context=context, batch_size=args.ce_batch_size,
+                             outlier_ratio=outlier_ratio)
 
 
 def _train(args) -> int:
@@ -187,6 +191,9 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--shard-tokens", type=positive_int, default=65_536)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--outlier-ratio", type=float, default=10.0,
+                   help="drop attention-sink tokens, whose norm exceeds this many times the "
+                        "batch's median (0: keep all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")

@@ -164,7 +164,7 @@ def _hidden(output) -> torch.Tensor:
 @torch.inference_mode()
 def ce_loss_recovered(sae: SparseAutoencoder, model, tokenizer, documents, layer: int,
                       sequences: int, context: int = 256, batch_size: int = 4, scale: float = 1.0,
-                      seed: int = 0, progress: bool = True) -> dict:
+                      seed: int = 0, outlier_ratio: float = 10.0, progress: bool = True) -> dict:
     """CE loss recovered, ΔCE and KL of splicing ``sae`` into the residual stream after decoder
     layer ``layer`` (spec §1.6; SAELens ``ce_loss_score``/``kl_div_score``).
 
@@ -172,7 +172,8 @@ def ce_loss_recovered(sae: SparseAutoencoder, model, tokenizer, documents, layer
     activation cache builds them (shuffled with ``seed``, EOS before each document). A forward
     hook on ``model.model.layers[layer]`` replaces the layer's output at positions >= 1 by the
     SAE's token-by-token reconstruction (:meth:`SparseAutoencoder.encode`), or by zeros for the
-    ablation; position 0 is left alone (the SAE never saw it). The loss is scored on the
+    ablation; position 0 is left alone (the SAE never saw it), and so are the attention-sink
+    tokens the cache drops (:func:`~pertoken.sae.cache.outlier_mask` with ``outlier_ratio``). The loss is scored on the
     predictions made at positions 1 .. T-2 (of tokens 2 .. T-1), the ones the splice can
     change; position 0's prediction is the same in every run and would only dilute the gap.
 
@@ -183,7 +184,7 @@ def ce_loss_recovered(sae: SparseAutoencoder, model, tokenizer, documents, layer
     """
     from tqdm.auto import tqdm
 
-    from pertoken.sae.cache import _sequences, check_layer, decoder_layers
+    from pertoken.sae.cache import _sequences, check_layer, decoder_layers, outlier_mask
 
     check_layer(model, layer)
     if model.config.hidden_size != sae.cfg.d_in:
@@ -215,7 +216,10 @@ def ce_loss_recovered(sae: SparseAutoencoder, model, tokenizer, documents, layer
             return None
         h = _hidden(output)
         new = h.clone()
-        new[:, 1:] = reconstruct(h[:, 1:]) if replace["how"] == "sae" else 0
+        rest = h[:, 1:]
+        spliced = reconstruct(rest) if replace["how"] == "sae" else torch.zeros_like(rest)
+        keep = outlier_mask(rest.reshape(-1, rest.shape[-1]), outlier_ratio).view(rest.shape[:2])
+        new[:, 1:] = torch.where(keep[..., None], rest, spliced)
         return _replace_output(output, new)
 
     def log_probs(ids: torch.Tensor, how: str | None) -> torch.Tensor:
