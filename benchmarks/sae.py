@@ -368,10 +368,9 @@ def _plots(rows, densities) -> list[dict]:
         if not dens:
             continue
         counts = [0] * (len(bins) - 1)
-        for p in dens:
-            v = math.log10(p) if p > 0 else -math.inf
-            i = min(max(int((v - bins[0]) // 0.5), 0), len(counts) - 1)
-            counts[i] += 1
+        for p in dens:  # dead features (p = 0) and rarer than 1e-8 go to the first bin
+            i = int((math.log10(p) - bins[0]) // 0.5) if p > 0 else 0
+            counts[min(max(i, 0), len(counts) - 1)] += 1
         hist[name] = counts
     if hist:
         plots.append({"title": "Feature densities on held-out data (k = 32; dead in the "
