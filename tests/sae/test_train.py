@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pertoken.sae.model import SAEConfig, SparseAutoencoder, aux_loss, underused
+from pertoken.sae.model import SAEConfig, SparseAutoencoder, aux_loss
 from pertoken.sae.selection import batch_topk_mask, feature_choice_mask, zipf_capacities
 from pertoken.sae.train import (Comm, TrainConfig, Trainer, geometric_median, global_batch_topk,
                                 global_feature_choice)
