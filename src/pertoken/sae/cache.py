@@ -173,13 +173,7 @@ def cache_activations(model, tokenizer, documents, out: str | Path, cfg: CacheCo
         out.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng([cfg.seed, len(meta["shards"])])  # same after a resume
         rows = rows[rng.permutation(rows.shape[0])]
-        for first in range(0, rows.shape[0], cfg.shard_tokens):
-            shard = rows[first:first + cfg.shard_tokens]
-            name = f"shard-{len(meta['shards']):05d}.npy"
-            with atomic_path(out / name) as tmp:
-                with open(tmp, "wb") as handle:
-                    np.save(handle, shard)
-            meta["shards"].append({"file": name, "tokens": int(shard.shape[0])})
+        _write_shards(rows, out, meta, cfg.shard_tokens)
         meta["tokens"] += int(rows.shape[0])
         meta["sequences"] = sequences
         meta["outliers_dropped"] = meta.get("outliers_dropped", 0) + dropped
@@ -225,6 +219,18 @@ def cache_activations(model, tokenizer, documents, out: str | Path, cfg: CacheCo
     return meta
 
 
+def _write_shards(rows: np.ndarray, out: Path, meta: dict, shard_tokens: int) -> None:
+    """Append ``rows`` to the store ``out`` as shards of ``shard_tokens`` rows, each written
+    atomically and listed in ``meta["shards"]``."""
+    for first in range(0, rows.shape[0], shard_tokens):
+        shard = rows[first:first + shard_tokens]
+        name = f"shard-{len(meta['shards']):05d}.npy"
+        with atomic_path(out / name) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, shard)
+        meta["shards"].append({"file": name, "tokens": int(shard.shape[0])})
+
+
 def write_store(rows: np.ndarray, out: str | Path, shard_tokens: int = 65_536,
                 **settings) -> dict:
     """Write ``rows`` (tokens x d, in the given order) as a complete store at ``out``, for
@@ -241,13 +247,7 @@ def write_store(rows: np.ndarray, out: str | Path, shard_tokens: int = 65_536,
             "dtype": "float16", "shards": [], "tokens": int(rows.shape[0]),
             "sequences": None, "sum_sq_norm": float((rows.astype(np.float64) ** 2).sum()),
             "complete": True}
-    for first in range(0, rows.shape[0], shard_tokens):
-        name = f"shard-{len(meta['shards']):05d}.npy"
-        shard = rows[first:first + shard_tokens].astype(np.float16)
-        with atomic_path(out / name) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, shard)
-        meta["shards"].append({"file": name, "tokens": int(shard.shape[0])})
+    _write_shards(rows.astype(np.float16), out, meta, shard_tokens)
     meta["mean_sq_norm"] = meta["sum_sq_norm"] / meta["tokens"]
     write_json_atomic(out / META, meta)
     return meta

@@ -277,7 +277,6 @@ class Trainer:
         self.capacities = uniform_capacities(f, cfg.batch_size, sae.cfg.k)
         self.capacity_alpha = sae.cfg.capacity_alpha
         self.threshold_seen = torch.zeros(f, dtype=torch.bool)
-        self.tokens_seen = 0
 
     # -- set-up ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -290,8 +289,7 @@ class Trainer:
         return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "step": self.step_index,
                 "variance": self.variance, "since_fired": self.since_fired,
                 "density": self.density, "demand": self.demand, "capacities": self.capacities,
-                "capacity_alpha": self.capacity_alpha, "threshold_seen": self.threshold_seen,
-                "tokens_seen": self.tokens_seen}
+                "capacity_alpha": self.capacity_alpha, "threshold_seen": self.threshold_seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.sae.load_state_dict(state["sae"])
@@ -301,20 +299,21 @@ class Trainer:
         for name in ("since_fired", "density", "demand", "capacities", "threshold_seen"):
             setattr(self, name, state[name])
         self.capacity_alpha = state["capacity_alpha"]
-        self.tokens_seen = state["tokens_seen"]
 
     # -- one step --------------------------------------------------------------------------
     def dead(self) -> torch.Tensor:
         return self.since_fired >= self.cfg.effective_dead_tokens()
 
     def _select(self, z: torch.Tensor):
-        """The local selection mask and the statistics its threshold learns from."""
+        """The local selection mask and, for Feature Choice, each feature's ``m_j``-th value
+        its threshold learns from (Mutual Choice's statistic comes from the kept codes, in
+        :meth:`loss`)."""
         arch, k = self.sae.cfg.arch, self.sae.cfg.k
         if arch == "topk":
             return topk_mask(z, k), None
         if arch in ("batchtopk", "mutual-choice"):
             mask, _ = global_batch_topk(z, k, k * self.cfg.batch_size, self.comm)
-            return mask, "smallest selected"
+            return mask, None
         if self.sae.cfg.capacities == "zipf" and self.step_index % self.cfg.capacity_every == 0:
             self._update_capacities(z)
         mask, kth = global_feature_choice(z, self.capacities, self.comm)
@@ -367,7 +366,7 @@ class Trainer:
             values = z[rows, cols]
             keep = values > 0  # the ReLU zeroes the others (and their gradient)
             rows, cols, values = rows[keep], cols[keep], values[keep]
-            if isinstance(stat, str):  # Mutual Choice: the smallest selected positive value
+            if sae.cfg.arch in ("batchtopk", "mutual-choice"):  # the smallest selected positive
                 low = values.min() if values.numel() else z.new_tensor(math.inf)
                 stat = comm.min(low.reshape(1).clone())[0]
         xe = x - sae.b_pre
@@ -414,7 +413,6 @@ class Trainer:
                 torch.tensor(float(info["cols"].numel()), dtype=torch.float64),
                 loss.detach().double(), info["aux"].double()]))
         self.step_index += 1
-        self.tokens_seen += b_global
         return {"fvu": float(sums[0] / sums[1]), "l0": float(sums[2] / b_global),
                 "dead": int(self.dead().sum()), "loss": float(sums[3]),
                 "aux": float(sums[4]) / comm.world}
