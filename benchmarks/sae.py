@@ -70,11 +70,16 @@ def cache(args, work: Path) -> tuple[Path, Path]:
     return stores["train"], stores["heldout"]
 
 
+def _runs_dir(args) -> str:
+    return f"runs-{args.train_tokens}" + (f"x{args.passes}" if args.passes > 1 else "")
+
+
 def train_ours(args, acts: Path, folder: Path, extra: list[str], k: int) -> None:
     if (folder / "training.json").is_file():
         return
     cmd = [sys.executable, "-m", "pertoken", "sae", "train", "--acts", str(acts),
-           "--width", str(args.width), "--k", str(k), "--tokens", str(args.train_tokens),
+           "--width", str(args.width), "--k", str(k),
+           "--tokens", str(args.train_tokens * args.passes),
            "--batch-size", str(args.batch_size), "--threads", str(args.threads),
            "-o", str(folder), *extra]
     if (folder / ".train" / "checkpoint.pt").is_file():
@@ -88,7 +93,8 @@ def train_saelens(args, acts: Path, folder: Path, arch: str, k: int) -> None:
         return
     _run([sys.executable, __file__, "--saelens-run", arch, "--k", str(k), "--acts", str(acts),
           "--width", str(args.width), "--batch-size", str(args.batch_size),
-          "--train-tokens", str(args.train_tokens), "--threads", str(args.threads),
+          "--train-tokens", str(args.train_tokens), "--passes", str(args.passes),
+          "--threads", str(args.threads),
           "--out", str(folder)], args.threads)
 
 
@@ -110,7 +116,7 @@ def saelens_run(args) -> None:
 
     torch.set_num_threads(args.threads)
     store = ActivationStore(args.acts)
-    ours = TrainConfig(tokens=args.train_tokens, batch_size=args.batch_size)
+    ours = TrainConfig(tokens=args.train_tokens * args.passes, batch_size=args.batch_size)
     steps = ours.steps
     batch = args.batch_size
 
@@ -212,6 +218,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--train-tokens", type=int, default=2_000_000)
+    parser.add_argument("--passes", type=int, default=1,
+                        help="passes over the training store (each run trains on passes x "
+                             "train-tokens tokens; results go to sae-x{passes} when > 1)")
     parser.add_argument("--heldout-tokens", type=int, default=200_000)
     parser.add_argument("--width", type=int, default=4608)
     parser.add_argument("--batch-size", type=int, default=4608)
@@ -246,7 +255,7 @@ def main() -> None:
     for k in sorted(set(ks) | set(saelens_ks), key=lambda k: (k != args.ce_k, k)):
         names = (args.variants.split(",") if k in ks else []) + (
             list(SAELENS) if k in saelens_ks else [])
-        runs += [(name, k, work / f"runs-{args.train_tokens}" / f"{name}-k{k}") for name in names]
+        runs += [(name, k, work / _runs_dir(args) / f"{name}-k{k}") for name in names]
     for name, k, folder in runs:
         print(f"== {name} k={k}", flush=True)
         if name in VARIANTS:
@@ -281,6 +290,7 @@ def report(args, runs, acts: Path, heldout: Path) -> None:
     plots = _plots(rows, densities)
     result = {"method": "sae", "title": "Adaptive-sparsity SAEs against TopK and SAELens",
               "model": args.model, "layer": LAYER, "train_tokens": args.train_tokens,
+              "passes": args.passes,
               "heldout_tokens": args.heldout_tokens, "width": args.width,
               "batch_size": args.batch_size, "threads": args.threads,
               "environment": environment(), "acceptance": acceptance,
@@ -288,15 +298,17 @@ def report(args, runs, acts: Path, heldout: Path) -> None:
               "plots": plots}
     columns = ["run", "k", "mode", "fvu", "l0", "dead_fraction", "ce_loss_recovered",
                "kl_score", "tokens_per_second", "train_seconds"]
+    passes = f" ({args.passes} passes)" if args.passes > 1 else ""
     markdown = (f"# Sparse autoencoders: {args.model}, layer {LAYER}\n\n"
-                f"{args.train_tokens:,} training tokens of docs-en, {args.heldout_tokens:,} "
-                f"held-out; width {args.width}, batch {args.batch_size}; {args.threads} torch "
-                f"threads per run, one run at a time.\n\n## Acceptance\n\n"
+                f"{args.train_tokens:,} training tokens of docs-en{passes}, "
+                f"{args.heldout_tokens:,} held-out; width {args.width}, batch {args.batch_size}; "
+                f"{args.threads} torch threads per run.\n\n## Acceptance\n\n"
                 + "\n".join(f"- {k}: {v}" for k, v in acceptance.items())
                 + (f"\n\nZipf fit of the TopK SAE's held-out feature densities (spec test 4): "
                    f"{zipf}" if zipf else "")
                 + "\n\n## All runs\n\n" + markdown_table(rows, columns))
-    path = write_results(Path(args.results_dir), "sae", result, markdown)
+    path = write_results(Path(args.results_dir),
+                         "sae" + (f"-x{args.passes}" if args.passes > 1 else ""), result, markdown)
     print(markdown)
     print(f"wrote {path}")
 

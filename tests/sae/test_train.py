@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
+from pertoken.errors import UserError
 from pertoken.sae.model import SAEConfig, SparseAutoencoder, aux_loss
 from pertoken.sae.selection import batch_topk_mask, feature_choice_mask, zipf_capacities
 from pertoken.sae.train import (Comm, TrainConfig, Trainer, geometric_median, global_batch_topk,
-                                global_feature_choice)
+                                global_feature_choice, train_sae)
 
 
 def _gen(seed):
@@ -149,3 +150,68 @@ def test_zipf_capacities_follow_demand_and_keep_the_budget():
     assert trainer.capacity_alpha > 0
     ranks = torch.argsort(torch.argsort(trainer.demand, descending=True, stable=True))
     assert torch.equal(caps, zipf_capacities(ranks, 64, 4, trainer.capacity_alpha, 1.0))
+
+
+def _cut_reference(sae, batches, b, capacities):
+    """Mean over batches of the value each selection cuts at, by sorting (the slow way)."""
+    cfg = sae.cfg
+    cuts = []
+    for x in batches:
+        z = sae.pre_activations(x).detach()
+        if cfg.arch == "feature-choice":
+            ordered = z.sort(dim=0, descending=True).values
+            cut = torch.full((cfg.width,), math.nan)
+            for j, m in enumerate(capacities.tolist()):
+                if m > 0:
+                    cut[j] = ordered[m - 1, j].clamp(min=0)
+        else:
+            cut = z.flatten().sort(descending=True).values[cfg.k * b - 1].clamp(min=0)
+            cut = cut.expand(cfg.width)
+        cuts.append(cut)
+    return torch.stack(cuts).double().mean(0)
+
+
+@pytest.mark.parametrize("arch,caps", [("mutual-choice", None), ("batchtopk", None),
+                                       ("feature-choice", None), ("feature-choice", "some")])
+def test_calibrated_thresholds_are_the_mean_cut_of_the_batches(arch, caps):
+    from pertoken.sae.selection import uniform_capacities
+    from pertoken.sae.train import calibrate_thresholds
+
+    b, f, k = 40, 24, 3
+    sae = SparseAutoencoder(SAEConfig(d_in=8, width=f, k=k, arch=arch), seed=1)
+    sae.threshold.fill_(-7.0)
+    capacities = uniform_capacities(f, b, k)
+    if caps:  # uneven capacities, some features without any
+        capacities = torch.tensor([0, 0, 1, 9, 2] * 4 + [5, 0, 3, 2])
+    batches = [torch.randn(b, 8, generator=_gen(s)) * (1 + s) for s in range(5)]
+    used = calibrate_thresholds(sae, iter(batches), b, capacities)
+    assert used == 5
+    want = _cut_reference(sae, batches, b, capacities)
+    unset = torch.isnan(want)
+    assert torch.allclose(sae.threshold[~unset].double(), want[~unset], rtol=1e-6, atol=1e-7)
+    assert (sae.threshold[unset] == -7.0).all()  # no capacity: left as it was
+    with pytest.raises(UserError):
+        calibrate_thresholds(SparseAutoencoder(SAEConfig(d_in=8, width=f, k=k)), batches, b)
+
+
+def test_train_sae_saves_calibrated_thresholds_where_the_running_mean_lags(tmp_path):
+    """A slowly decaying running mean remembers early training, whose cut values were far
+    from the final ones: its L0 misses k, the calibrated thresholds' does not."""
+    from pertoken.sae.cache import ActivationStore, write_store
+    from pertoken.sae.io import load
+
+    data = _sparse_data(128 * 30) * 3
+    path = tmp_path / "store"
+    write_store(data.numpy(), path, shard_tokens=1000, layer=1)
+    store = ActivationStore(path)
+    l0 = {}
+    for n in (0, 8):
+        cfg = SAEConfig(d_in=16, width=64, k=4, arch="mutual-choice", aux="auxk")
+        tc = TrainConfig(tokens=len(data), batch_size=128, lr=1e-2, warmup_steps=5,
+                         threshold_decay=0.98, calibration_batches=n, checkpoint_every=1000)
+        train_sae(store, tmp_path / f"cal{n}", cfg, tc, progress=False)
+        sae = load(tmp_path / f"cal{n}")
+        last = store.rows(torch.arange(len(data) - 8 * 128, len(data)).numpy())
+        l0[n] = float((sae.encode(last) != 0).sum(1).float().mean())
+    assert abs(l0[8] - 4) < 0.1, l0  # the mean cut over those very batches: L0 about k
+    assert abs(l0[0] - 4) > 0.4, l0  # the running mean lags by more than 10%

@@ -125,3 +125,40 @@ def test_an_empty_store_exits_2(tmp_path, store):
     (empty / "meta.json").write_text(json.dumps(meta))
     done = _train(empty, tmp_path / "bad")
     assert done.returncode == 2 and "holds no activations" in done.stderr
+
+
+def test_calibrate_sets_the_mean_cut_in_place_and_refuses_topk(store, tmp_path):
+    """``sae calibrate`` on a run saved with its running-mean thresholds: the new thresholds
+    are the mean cut of the store's first batches under the saved (raw-unit) weights."""
+    from pertoken.sae.io import load
+    from pertoken.sae.train import calibrate_thresholds
+
+    out = tmp_path / "fc"
+    done = _train(store, out, "--arch", "feature-choice", "--capacities", "zipf",
+                  "--calibration-batches", "0")
+    assert done.returncode == 0, done.stderr
+    cfg = json.loads((out / "cfg.json").read_text())["pertoken"]
+    assert cfg["batch_size"] == 128 and sum(cfg["capacities"]) == 4 * 128
+    before = load(out)
+    rows = ActivationStore(store).rows
+    want = load(out)
+    calibrate_thresholds(want, [rows(list(range(i * 128, (i + 1) * 128))) for i in range(3)],
+                         128, torch.tensor(cfg["capacities"]))
+    cmd = [sys.executable, "-m", "pertoken", "sae", "calibrate", "--sae", str(out),
+           "--acts", str(store), "--batches", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr
+    after = load(out)
+    assert torch.allclose(after.threshold, want.threshold)
+    assert not torch.allclose(after.threshold, before.threshold)
+    assert torch.equal(after.W_enc, before.W_enc)
+    bad = subprocess.run(cmd[:-2] + ["--batch-size", "64"], capture_output=True, text=True,
+                         env=ENV, timeout=300)
+    assert bad.returncode == 2 and "capacities are for batches of 128" in bad.stderr
+
+    topk = tmp_path / "topk"
+    assert _train(store, topk).returncode == 0
+    done = subprocess.run(cmd[:5] + ["--sae", str(topk), "--acts", str(store)],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "only Mutual Choice" in done.stderr

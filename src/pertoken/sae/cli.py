@@ -1,8 +1,12 @@
-"""``pertoken sae ...`` commands: ``cache``, ``train`` and ``eval``."""
+"""``pertoken sae ...`` commands: ``cache``, ``train``, ``calibrate`` and ``eval``."""
 
 from __future__ import annotations
 
+import logging
+
 from pertoken.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def _layer_count(name: str) -> int | None:
@@ -56,7 +60,7 @@ def _eval(args) -> int:
     from pertoken.atomic import write_json_atomic
     from pertoken.sae.cache import ActivationStore
     from pertoken.sae.metrics import evaluate
-    from pertoken.sae.io import hook_layer, load, read_config
+    from pertoken.sae.io import hook_layer, load, read_config, training_batch
 
     config = read_config(args.sae)
     sae = load(args.sae)
@@ -73,8 +77,13 @@ def _eval(args) -> int:
     ce_plan = _ce_plan(args, store, layer) if args.model else None  # fail before evaluating
     if args.threads:
         torch.set_num_threads(args.threads)
+    trained_batch, capacities = training_batch(config)
+    if capacities is not None and trained_batch != args.batch_size:
+        log.warning("the SAE's Feature Choice capacities are for batches of %s: batch mode at "
+                    "%d uses uniform ones", trained_batch, args.batch_size)
+        capacities = None
     metrics = evaluate(sae, store, tokens=args.tokens, batch_size=args.batch_size,
-                       mode=args.mode)
+                       mode=args.mode, capacities=capacities)
     ce = _ce(args, sae, layer, *ce_plan) if ce_plan else None
     out = {"sae": str(args.sae), "acts": str(args.acts), **metrics,
            "ce_loss_recovered": ce["ce_loss_recovered"] if ce else None, "ce": ce,
@@ -149,7 +158,7 @@ def _train(args) -> int:
     cfg = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr,
                       warmup_steps=args.warmup_steps, dead_tokens=args.dead_tokens,
                       grad_clip=args.grad_clip, checkpoint_every=args.checkpoint_every,
-                      seed=args.seed)
+                      calibration_batches=args.calibration_batches, seed=args.seed)
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     store = ActivationStore(args.acts)
     sae_cfg.d_in = store.d_in
@@ -169,6 +178,43 @@ def _train(args) -> int:
               f"{summary['tokens']:,} tokens: FVU {final.get('fvu', float('nan')):.4f}, "
               f"L0 {final.get('l0', float('nan')):.2f}, dead {final.get('dead', 0)}; "
               f"{summary['tokens_per_second']:,.0f} tokens/s; saved to {args.output}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    import numpy as np
+    import torch
+
+    from pertoken.sae.cache import ActivationStore
+    from pertoken.sae.io import load, read_config, save_sae, training_batch
+    from pertoken.sae.train import calibrate_thresholds
+
+    config = read_config(args.sae)
+    sae = load(args.sae)
+    if not sae.cfg.batch_dependent:
+        raise UserError(f"{args.sae} is a {sae.cfg.arch} SAE: only Mutual Choice, BatchTopK and "
+                        "Feature Choice SAEs have inference thresholds")
+    store = ActivationStore(args.acts)
+    if store.d_in != sae.cfg.d_in:
+        raise UserError(f"the SAE reads {sae.cfg.d_in}-dimensional activations but {args.acts} "
+                        f"holds {store.d_in}-dimensional ones")
+    trained_batch, capacities = training_batch(config)
+    batch = args.batch_size or trained_batch or 4608
+    if capacities is not None and batch != trained_batch:
+        raise UserError(f"this SAE's Feature Choice capacities are for batches of "
+                        f"{trained_batch}: calibrate with --batch-size {trained_batch}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = min(args.batches, max(1, len(store) // batch))
+    before = sae.threshold.clone()
+    calibrate_thresholds(sae, (store.rows(np.arange(i * batch, (i + 1) * batch) % len(store))
+                               for i in range(n)), batch, capacities)
+    save_sae(sae, args.sae, metadata=config.get("metadata"), batch_size=trained_batch,
+             capacities=capacities)
+    finite = torch.isfinite(before) & torch.isfinite(sae.threshold)
+    print(f"{sae.cfg.arch} SAE at {args.sae}: thresholds from {n} batches of {batch:,} "
+          f"activations; mean {float(before[finite].mean()):.4g} -> "
+          f"{float(sae.threshold[finite].mean()):.4g} (raw units)")
     return 0
 
 
@@ -233,11 +279,24 @@ def add_commands(commands, parser_class, positive_int) -> None:
                         "(0: a quarter of --tokens, at most 10M)")
     p.add_argument("--grad-clip", type=float, default=0.0)
     p.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps")
+    p.add_argument("--calibration-batches", type=int, default=16,
+                   help="Mutual/Feature Choice: set the inference thresholds from this many of "
+                        "the last batches under the final weights (0: keep the running means)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("-o", "--output", required=True, help="folder for the SAE")
     p.set_defaults(func=_train)
+
+    p = verbs.add_parser("calibrate", help="set a Mutual/Feature Choice SAE's inference "
+                         "thresholds from its weights on (training) activations, in place")
+    p.add_argument("--sae", required=True, help="SAE folder written by pertoken (SAELens layout)")
+    p.add_argument("--acts", required=True, help="activation store, normally the training one")
+    p.add_argument("--batches", type=positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="global batch B of the selection (default: the training batch)")
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.set_defaults(func=_calibrate)
 
     p = verbs.add_parser("eval", help="FVU, L0, dead fraction and CE loss recovered of a saved SAE")
     p.add_argument("--sae", required=True, help="SAE folder written by pertoken (SAELens layout)")

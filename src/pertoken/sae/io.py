@@ -65,13 +65,17 @@ def _saelens_version() -> str:
 
 
 def save_sae(sae: SparseAutoencoder, path: str | Path, scale: float = 1.0,
-             metadata: dict | None = None) -> Path:
+             metadata: dict | None = None, batch_size: int | None = None,
+             capacities: torch.Tensor | None = None) -> Path:
     """Write ``sae`` (trained on activations times ``scale``) as a SAELens folder at ``path``
     that works on raw activations. Each of the two files is written atomically (weights first,
     then ``cfg.json``); other files in the folder (a trainer's checkpoints and log) stay.
 
     ``metadata`` goes into SAELens's ``metadata`` block (``model_name``, ``hook_name`` such as
-    ``model.layers.19``, ``context_size``, ``dataset_path``, or anything else).
+    ``model.layers.19``, ``context_size``, ``dataset_path``, or anything else). ``batch_size``
+    (the training batch B) and ``capacities`` (Feature Choice's per-feature m_j at that B, when
+    they are not uniform) are kept for batch-mode evaluation and threshold calibration; see
+    :func:`training_batch`.
     """
     from safetensors.torch import save_file
 
@@ -123,7 +127,10 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, scale: float = 1.0,
         "reshape_activations": "none",
         "metadata": meta,
         "pertoken": {"format": FORMAT_VERSION, "config": cfg.to_dict(), "scale": scale,
-                     "units": "raw activations (scale folded into the weights)"},
+                     "units": "raw activations (scale folded into the weights)",
+                     "batch_size": batch_size,
+                     "capacities": (None if capacities is None
+                                    else [int(m) for m in capacities.tolist()])},
     }
     path.mkdir(parents=True, exist_ok=True)
     with atomic_path(path / WEIGHTS_FILE) as tmp:
@@ -150,6 +157,14 @@ def read_config(path: str | Path) -> dict:
         raise UserError(f"{path} is an SAE folder not written by pertoken (no \"pertoken\" "
                         "block in its cfg.json)")
     return config
+
+
+def training_batch(config: dict) -> tuple[int | None, torch.Tensor | None]:
+    """The training batch size and Feature Choice capacities kept in a ``cfg.json`` read by
+    :func:`read_config` (None for what the folder does not record)."""
+    block = config["pertoken"]
+    caps = block.get("capacities")
+    return block.get("batch_size"), (None if caps is None else torch.tensor(caps))
 
 
 def load(path: str | Path) -> SparseAutoencoder:
