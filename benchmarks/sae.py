@@ -276,7 +276,7 @@ def report(args, runs, acts: Path, heldout: Path) -> None:
             row = {"run": name, "k": k, "mode": mode, "fvu": m["fvu"], "l0": m["l0"],
                    "dead_fraction": m["dead_fraction"], "eval_tokens": m["eval_tokens"],
                    "tokens_per_second": training["tokens_per_second"],
-                   "train_seconds": training["seconds"]}
+                   "train_seconds": training["seconds"], "threads": training.get("threads")}
             if result["ce"]:
                 row.update(ce_loss_recovered=result["ce"]["ce_loss_recovered"],
                            kl_score=result["ce"].get("kl_score"),
@@ -292,17 +292,18 @@ def report(args, runs, acts: Path, heldout: Path) -> None:
               "model": args.model, "layer": LAYER, "train_tokens": args.train_tokens,
               "passes": args.passes,
               "heldout_tokens": args.heldout_tokens, "width": args.width,
-              "batch_size": args.batch_size, "threads": args.threads,
+              "batch_size": args.batch_size,
+              "threads": sorted({r["threads"] for r in rows if r["threads"]}),
               "environment": environment(), "acceptance": acceptance,
               "zipf_fit_topk_k32": zipf, "results": rows,
               "plots": plots}
     columns = ["run", "k", "mode", "fvu", "l0", "dead_fraction", "ce_loss_recovered",
-               "kl_score", "tokens_per_second", "train_seconds"]
+               "kl_score", "tokens_per_second", "threads", "train_seconds"]
     passes = f" ({args.passes} passes)" if args.passes > 1 else ""
     markdown = (f"# Sparse autoencoders: {args.model}, layer {LAYER}\n\n"
                 f"{args.train_tokens:,} training tokens of docs-en{passes}, "
                 f"{args.heldout_tokens:,} held-out; width {args.width}, batch {args.batch_size}; "
-                f"{args.threads} torch threads per run.\n\n## Acceptance\n\n"
+                "torch threads per training run in the table.\n\n## Acceptance\n\n"
                 + "\n".join(f"- {k}: {v}" for k, v in acceptance.items())
                 + (f"\n\nZipf fit of the TopK SAE's held-out feature densities (spec test 4): "
                    f"{zipf}" if zipf else "")
