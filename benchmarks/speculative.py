@@ -69,6 +69,8 @@ def run_cell(args, work: Path, prompts: str, dtype: str) -> dict:
            "--temperatures", args.temperatures, "--prompts", prompts,
            "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats),
            "--dtype", dtype, "--threads", str(args.threads), "--json", str(out)]
+    if args.calibrate:
+        cmd.append("--calibrate")
     log = work / f"cell-{prompts.replace(':', '-')}-{dtype}.log"
     with open(log, "w") as handle:
         subprocess.run(cmd, check=True, stdout=handle, stderr=subprocess.STDOUT)
@@ -84,22 +86,25 @@ def summarize(cell: dict) -> dict:
         # the best budget of each method by its paired speed-up over ar in the same repeats
         best = {m: max((r for r in at if r["method"] == m),
                        key=lambda r: r["speedup_vs_ar"] or r["tokens_per_second"], default=None)
-                for m in ("dyspec", "chain", "tree", "hf-assisted", "hf-ar")}
+                for m in ("dyspec", "dyspec-heap", "chain", "tree", "hf-assisted", "hf-ar")}
         tag = f"T{t:g}"
-        if best["dyspec"]:
-            d = best["dyspec"]
-            out[f"{tag}_dyspec_budget"] = d["budget"]
-            out[f"{tag}_dyspec_speedup_vs_ar"] = d["speedup_vs_ar"]
-            out[f"{tag}_dyspec_tokens_per_call"] = d["tokens_per_call"]
+        for m in ("dyspec", "dyspec-heap"):
+            if not best[m]:
+                continue
+            d = best[m]
+            out[f"{tag}_{m}_budget"] = d["budget"]
+            out[f"{tag}_{m}_speedup_vs_ar"] = d["speedup_vs_ar"]
+            out[f"{tag}_{m}_tokens_per_call"] = d["tokens_per_call"]
             if best["hf-assisted"]:
-                out[f"{tag}_dyspec_vs_hf_assisted"] = (d["speedup_vs_ar"]
-                                                       / best["hf-assisted"]["speedup_vs_ar"])
-            for other in ("chain", "tree"):
-                same = next((r for r in at if r["method"] == other and r["budget"] == d["budget"]),
-                            None)
-                if same:
-                    out[f"{tag}_dyspec_minus_{other}_tokens_per_call"] = (
-                        d["tokens_per_call"] - same["tokens_per_call"])
+                out[f"{tag}_{m}_vs_hf_assisted"] = (d["speedup_vs_ar"]
+                                                    / best["hf-assisted"]["speedup_vs_ar"])
+            for other in ("chain", "tree"):  # the smallest margin over the budgets run
+                margins = [r["tokens_per_call"] - same["tokens_per_call"]
+                           for r in at if r["method"] == m and not r.get("auto_budget")
+                           for same in at if same["method"] == other
+                           and same["budget"] == r["budget"] and not same.get("auto_budget")]
+                if margins:
+                    out[f"{tag}_{m}_minus_{other}_tokens_per_call_min"] = min(margins)
         if best["hf-ar"]:
             out[f"{tag}_hf_ar_vs_ar"] = best["hf-ar"]["speedup_vs_ar"]
     return out
@@ -115,7 +120,9 @@ def main() -> None:
                         help="standalone draft model for hf-assisted (default: train one)")
     parser.add_argument("--prompt-sets", default="wiki-en:6,chat:6")
     parser.add_argument("--dtypes", default="bfloat16,float32")
-    parser.add_argument("--methods", default="ar,hf-ar,chain,tree,dyspec,hf-assisted")
+    parser.add_argument("--methods", default="ar,hf-ar,chain,tree,dyspec,dyspec-heap,hf-assisted")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="DySpec values from the online acceptance calibration")
     parser.add_argument("--budgets", default="4,8,16,auto")
     parser.add_argument("--temperatures", default="0,1")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -160,10 +167,10 @@ def main() -> None:
                 "same_as_ar": r.get("same_output_as_ar")})
         budgets = sorted({r["budget"] for r in cell["results"]
                           if isinstance(r["budget"], int) and not r.get("auto_budget")
-                          and r["method"] in ("chain", "tree", "dyspec")})
+                          and r["method"] in ("chain", "tree", "dyspec", "dyspec-heap")})
         for t in sorted({r["temperature"] for r in cell["results"]}):
             series = {}
-            for m in ("chain", "tree", "dyspec", "hf-assisted"):
+            for m in ("chain", "tree", "dyspec", "dyspec-heap", "hf-assisted"):
                 values = []
                 for b in budgets:
                     row = next((r for r in cell["results"] if r["method"] == m and r["budget"] == b
@@ -182,6 +189,7 @@ def main() -> None:
               "draft_kind": "eagle" if "vocab_coverage_heldout" in draft_info else "model",
               "assistant_cost": infos["assistant"].get("cost"), "threads": args.threads,
               "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
+              "calibrate": args.calibrate,
               "draft_cost": draft_info.get("cost"), "draft_training": draft_info.get("history", [])[-1:],
               "environment": environment(), "summary": summary, "results": table_rows,
               "acceptance": {f"{c['prompts']} {c['dtype']}": c["acceptance"] for c in results},
@@ -191,7 +199,9 @@ def main() -> None:
                "tokens_per_second", "speedup_vs_ar", "auto", "same_as_ar"]
     markdown = (f"# Speculative decoding: {args.model}\n\n"
                 f"Our methods draft with `{args.draft.name}` ({result['draft_kind']}); "
-                f"hf-assisted with `{args.assistant.name}`.\n\n"
+                f"hf-assisted with `{args.assistant.name}`"
+                + ("; DySpec's values use the online acceptance calibration" if args.calibrate
+                   else "") + ".\n\n"
                 f"{args.threads} torch thread(s) per cell; per cell (prompts, dtype): new tokens "
                 f"per prompt and repeats (the median is quoted): "
                 + ", ".join(f"{c['prompts']} {c['dtype']}: {c['max_new_tokens']} x{c['repeats']}"
