@@ -126,6 +126,7 @@ def test_training_learns_keeps_unit_norm_and_thresholds_give_about_k(arch):
     first = None
     for step in range(tc.steps):
         stats = trainer.step(data[step * 256:(step + 1) * 256])
+        assert stats["aux_features"] == stats["dead"]  # aux_k trains the dead latents only
         first = first or stats["fvu"]
         assert torch.allclose(sae.W_dec.norm(dim=0), torch.ones(64), atol=1e-5)
     assert stats["fvu"] < 0.4 * first

@@ -64,6 +64,8 @@ def test_two_processes_under_torchrun_equal_one_process(store, tmp_path, extra):
         assert abs(x["l0"] - y["l0"]) < 1e-6  # the selection is the same global one
     if "mutual-choice" in extra:  # the aux loss ran (Feature Choice features never die)
         assert any(h["dead"] > 0 and h["aux"] > 0 for h in ha["history"])
+        # aux_zipf also trains live but under-used latents
+        assert any(h["aux_features"] > h["dead"] for h in ha["history"])
 
 
 def _configs(**kw):

@@ -422,17 +422,21 @@ class Trainer:
         sq = (x - x_hat).pow(2).sum()
         loss = sq / (cfg.batch_size * self.variance)
         aux_value = torch.zeros(())
+        aux_features = 0
         if sae.cfg.aux != "none":
             candidates, weights = self._aux_candidates()
-            if candidates.any():
+            aux_features = int(candidates.sum())
+            if aux_features:
                 aux_value = self._aux(x, x_hat, z, xe, candidates, weights)
                 loss = loss + sae.cfg.aux_coef * aux_value
-        return loss, {"stat": stat, "cols": cols, "sq": sq.detach(), "aux": aux_value.detach()}
+        return loss, {"stat": stat, "cols": cols, "sq": sq.detach(), "aux": aux_value.detach(),
+                      "aux_features": aux_features}
 
     def step(self, x: torch.Tensor) -> dict:
         """One optimiser step on this rank's rows ``x`` (already scaled). Returns global
         statistics: ``fvu`` (of this batch, before the step), ``l0``, ``dead``, ``loss``,
-        ``aux``."""
+        ``aux`` and ``aux_features`` (the latents the aux loss trained: the dead ones for
+        aux_k, dead and under-used for aux_zipf)."""
         sae, cfg, comm = self.sae, self.cfg, self.comm
         b_global = cfg.batch_size
         loss, info = self.loss(x)
@@ -462,7 +466,7 @@ class Trainer:
         self.step_index += 1
         return {"fvu": float(sums[0] / sums[1]), "l0": float(sums[2] / b_global),
                 "dead": int(self.dead().sum()), "loss": float(sums[3]),
-                "aux": float(sums[4]) / comm.world}
+                "aux": float(sums[4]) / comm.world, "aux_features": info["aux_features"]}
 
     def _aux_candidates(self):
         dead = self.dead()
