@@ -276,7 +276,8 @@ def report(args, runs, acts: Path, heldout: Path) -> None:
             row = {"run": name, "k": k, "mode": mode, "fvu": m["fvu"], "l0": m["l0"],
                    "dead_fraction": m["dead_fraction"], "eval_tokens": m["eval_tokens"],
                    "tokens_per_second": training["tokens_per_second"],
-                   "train_seconds": training["seconds"], "threads": training.get("threads")}
+                   "train_seconds": training["seconds"], "threads": training.get("threads"),
+                   "peak_rss_mb": training.get("peak_rss_mb")}
             if result["ce"]:
                 row.update(ce_loss_recovered=result["ce"]["ce_loss_recovered"],
                            kl_score=result["ce"].get("kl_score"),
@@ -298,7 +299,7 @@ def report(args, runs, acts: Path, heldout: Path) -> None:
               "zipf_fit_topk_k32": zipf, "results": rows,
               "plots": plots}
     columns = ["run", "k", "mode", "fvu", "l0", "dead_fraction", "ce_loss_recovered",
-               "kl_score", "tokens_per_second", "threads", "train_seconds"]
+               "kl_score", "tokens_per_second", "threads", "train_seconds", "peak_rss_mb"]
     passes = f" ({args.passes} passes)" if args.passes > 1 else ""
     markdown = (f"# Sparse autoencoders: {args.model}, layer {LAYER}\n\n"
                 f"{args.train_tokens:,} training tokens of docs-en{passes}, "

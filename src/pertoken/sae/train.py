@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -592,6 +593,7 @@ def train_sae(store, output: str | Path, sae_cfg: SAEConfig, cfg: TrainConfig,
         "steps": cfg.steps, "tokens": cfg.steps * cfg.batch_size, "batch_size": cfg.batch_size,
         "world": comm.world, "threads": torch.get_num_threads(),
         "seconds": seconds, "tokens_per_second": steps_run * cfg.batch_size / max(seconds, 1e-9),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "final": stats, "history": history, "lr": trainer.base_lr,
         "dead_tokens": cfg.effective_dead_tokens(), "capacity_alpha": trainer.capacity_alpha,
         "scale": store.scale, "config": identity,
