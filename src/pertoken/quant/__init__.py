@@ -1,0 +1,24 @@
+"""OutlierTune: static per-channel activation quantization with folded dequantization and
+symmetrization, on integer kernels (arXiv 2406.18832; spec ``outliertune.md``).
+
+Built so far:
+
+- :mod:`pertoken.quant.quantizers`: activation codes (dynamic per token, static per channel
+  with a shift), per-row weight codes (round-to-nearest symmetric or asymmetric, MSE-clipped)
+  and 6-bit packing;
+- :mod:`pertoken.quant.qlinear`: :class:`QuantLinear`, an int8 x int8 -> int32 GEMM
+  (``torch._int_mm``) with a float32 epilogue, for any number of tokens.
+"""
+
+from pertoken._lazy import lazy_exports
+
+__all__, __getattr__ = lazy_exports(__name__, {
+    "QuantLinear": "pertoken.quant.qlinear",
+    "QuantizedWeight": "pertoken.quant.quantizers",
+    "int_matmul": "pertoken.quant.qlinear",
+    "pack_int6": "pertoken.quant.quantizers",
+    "per_token_codes": "pertoken.quant.quantizers",
+    "quantize_weight": "pertoken.quant.quantizers",
+    "static_codes": "pertoken.quant.quantizers",
+    "unpack_int6": "pertoken.quant.quantizers",
+})

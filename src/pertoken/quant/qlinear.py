@@ -1,0 +1,108 @@
+"""A linear layer that runs int8 x int8 -> int32 GEMMs (``torch._int_mm``) with a float32
+epilogue (OutlierTune spec §1.4, §2).
+
+Activation modes:
+
+- ``static``: per-channel codes ``round((x - shift) * inv_scale)`` with calibrated scales; the
+  per-channel dequantization is already folded into the weight (``W' = W diag(s)``) and the
+  shift's effect into the bias (``b' = b + W shift``), so the epilogue is ``acc * step + b'``;
+- ``per-token``: dynamic absmax codes; the epilogue is ``acc * s_t * step + b``.
+
+Weights are per-output-row codes (:class:`~pertoken.quant.quantizers.QuantizedWeight`); an
+asymmetric 8-bit weight subtracts ``rowsum(x_codes) * zero`` from the int32 accumulator, and
+narrower asymmetric weights store ``codes - zero`` directly. Any number of tokens works,
+including one; on CUDA the operands are padded to what ``_int_mm`` accepts there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pertoken.errors import UserError
+from pertoken.quant.quantizers import QuantizedWeight, per_token_codes, static_codes
+
+ACT_MODES = ("static", "per-token")
+
+
+def int_matmul(a: torch.Tensor, b: torch.Tensor, pad: bool | None = None) -> torch.Tensor:
+    """``a @ b`` for int8 ``a`` (M, K) and ``b`` (K, N), exactly, as int32.
+
+    ``torch._int_mm`` takes any shape on CPU; on CUDA it needs M > 16 and K, N multiples of 8,
+    so there (or with ``pad=True``) zero rows and columns are added and cut off again."""
+    if pad is None:
+        pad = a.is_cuda
+    if not pad:
+        return torch._int_mm(a.contiguous(), b)
+    m, k = a.shape
+    n = b.shape[1]
+    mp, kp, np_ = max(m, 17), -(-k // 8) * 8, -(-n // 8) * 8
+    if (mp, kp) != (m, k):
+        a = torch.nn.functional.pad(a, (0, kp - k, 0, mp - m))
+    if (kp, np_) != (k, n):
+        b = torch.nn.functional.pad(b, (0, np_ - n, 0, kp - k))
+    return torch._int_mm(a.contiguous(), b.contiguous())[:m, :n]
+
+
+class QuantLinear(nn.Module):
+    """An ``nn.Linear`` replacement on integer kernels (see the module docstring).
+
+    Buffers: ``weight_t`` (in, out) int8 codes, pre-transposed for the CPU kernel;
+    ``weight_scale`` (out,) step sizes; ``weight_zero`` (out,) int32 zero points or empty;
+    ``bias`` (out,) or empty; ``inv_scale`` and ``shift`` (in,) for static activations (the
+    shift may be empty)."""
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, act: str,
+                 a_bits: int, inv_scale: torch.Tensor | None = None,
+                 shift: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if act not in ACT_MODES:
+            raise UserError(f"unknown activation mode {act!r}: choose {' or '.join(ACT_MODES)}")
+        if act == "static" and inv_scale is None:
+            raise ValueError("static activations need their per-channel inverse scales")
+        self.act, self.a_bits, self.w_bits = act, a_bits, weight.bits
+        out_features, in_features = weight.codes.shape
+        self.in_features, self.out_features = in_features, out_features
+        empty = torch.zeros(0)
+        self.register_buffer("weight_t", weight.codes.t().contiguous())
+        self.register_buffer("weight_scale", weight.scale.float().contiguous())
+        self.register_buffer("weight_zero", weight.zero.to(torch.int32) if weight.zero is not None
+                             else torch.zeros(0, dtype=torch.int32))
+        self.register_buffer("bias", bias.detach().float().contiguous() if bias is not None
+                             else empty.clone())
+        self.register_buffer("inv_scale", inv_scale.float().contiguous() if inv_scale is not None
+                             else empty.clone())
+        self.register_buffer("shift", shift.float().contiguous() if shift is not None
+                             else empty.clone())
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, W{self.w_bits}A{self.a_bits}, "
+                f"act={self.act}, asym={self.weight_zero.numel() > 0}, "
+                f"shift={self.shift.numel() > 0}")
+
+    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The activation codes of ``x`` (tokens, in) and, per token, their scale (None for
+        static activations, whose scales are folded into the weight)."""
+        if self.act == "static":
+            shift = self.shift if self.shift.numel() else None
+            return static_codes(x, self.inv_scale, self.a_bits, shift), None
+        return per_token_codes(x, self.a_bits)
+
+    def accumulate(self, codes: torch.Tensor) -> torch.Tensor:
+        """The int32 accumulator ``codes @ (W_codes - zero)^T``."""
+        acc = int_matmul(codes, self.weight_t)
+        if self.weight_zero.numel():
+            acc -= codes.sum(dim=1, dtype=torch.int32)[:, None] * self.weight_zero[None, :]
+        return acc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features).float()
+        codes, token_scale = self.codes(flat)
+        y = self.accumulate(codes).float()
+        if token_scale is not None:
+            y = y * token_scale[:, None]
+        y = y * self.weight_scale
+        if self.bias.numel():
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
