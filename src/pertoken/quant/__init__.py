@@ -7,13 +7,27 @@ Built so far:
   with a shift), per-row weight codes (round-to-nearest symmetric or asymmetric, MSE-clipped)
   and 6-bit packing;
 - :mod:`pertoken.quant.qlinear`: :class:`QuantLinear`, an int8 x int8 -> int32 GEMM
-  (``torch._int_mm``) with a float32 epilogue, for any number of tokens.
+  (``torch._int_mm``) with a float32 epilogue, for any number of tokens;
+- :mod:`pertoken.quant.observers`: per-channel input statistics from forward pre-hooks (the
+  shift over the true sample count, scales after the shift);
+- :mod:`pertoken.quant.convert`: :func:`quantize_model` calibrates a Llama- or OPT-style model
+  and swaps its decoder linears (static folded groups after each norm, per-token for the
+  attention and MLP outputs).
+
+Still to come (issue 6): SmoothQuant, per-tensor and weight-only baselines, GPTQ, save/load,
+the CLI and the benchmark.
 """
 
 from pertoken._lazy import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
+    "ChannelStats": "pertoken.quant.observers",
+    "QuantConfig": "pertoken.quant.convert",
     "QuantLinear": "pertoken.quant.qlinear",
+    "fold_channel_scales": "pertoken.quant.convert",
+    "linear_groups": "pertoken.quant.convert",
+    "observe_inputs": "pertoken.quant.observers",
+    "quantize_model": "pertoken.quant.convert",
     "QuantizedWeight": "pertoken.quant.quantizers",
     "int_matmul": "pertoken.quant.qlinear",
     "pack_int6": "pertoken.quant.quantizers",

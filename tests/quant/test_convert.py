@@ -1,0 +1,106 @@
+import pytest
+import torch
+from torch import nn
+
+from pertoken.errors import UserError
+from pertoken.models import tiny_llama
+from pertoken.quant.convert import (QuantConfig, fold_channel_scales, linear_groups,
+                                    quantize_model)
+from pertoken.quant.observers import ChannelStats, observe_inputs
+from pertoken.quant.qlinear import QuantLinear
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_folding_scales_and_shift_is_exact_in_float():
+    w = torch.randn(12, 20, generator=_gen(0), dtype=torch.float64)
+    b = torch.randn(12, generator=_gen(1), dtype=torch.float64)
+    s = torch.rand(20, generator=_gen(2), dtype=torch.float64) + 0.1
+    z = torch.randn(20, generator=_gen(3), dtype=torch.float64)
+    x = torch.randn(7, 20, generator=_gen(4), dtype=torch.float64) * 5
+    for bias in (b, None):
+        for shift in (z, None):
+            wf, bf = fold_channel_scales(w, bias, s, shift)
+            u = ((x - shift) if shift is not None else x) / s
+            want = nn.functional.linear(x.float(), w.float(),
+                                        None if bias is None else bias.float())
+            got = nn.functional.linear(u.float(), wf, bf)
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_shift_is_the_mean_of_per_sample_mid_ranges_over_the_true_sample_count():
+    x = torch.randn(3, 9, 5, generator=_gen(5)) + torch.tensor([0.0, 4.0, -2.0, 0.5, 10.0])
+    st = ChannelStats(5)
+    st.update(x[:2])
+    st.update(x[2])  # a 2-D batch is one sample
+    assert st.samples == 3 and st.tokens == 27
+    mids = (x.amax(1) + x.amin(1)) / 2
+    assert torch.allclose(st.shift(), mids.mean(0))
+    z = st.shift()
+    reach = (x - z).abs().amax(dim=(0, 1))
+    assert torch.allclose(st.scale(8, z) * 127, reach)
+    assert torch.allclose(st.scale(6), x.abs().amax(dim=(0, 1)) / 31)
+    assert torch.allclose(st.shift("global"), (x.amax((0, 1)) + x.amin((0, 1))) / 2)
+
+
+def _batches(n=4, length=24, vocab=200, seed=0):
+    g = _gen(seed)
+    return [torch.randint(4, vocab, (2, length), generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(), QuantConfig(shift=False),
+                                 QuantConfig(method="per-token"),
+                                 QuantConfig(w_bits=6, a_bits=6, weights="mse")])
+def test_a_quantized_tiny_llama_runs_on_integer_linears_close_to_float(cfg):
+    model, _ = tiny_llama(hidden_size=64, intermediate_size=128)
+    embed = model.model.embed_tokens.weight.clone()
+    ids = torch.randint(4, 200, (2, 24), generator=_gen(9))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    quantize_model(model, _batches(), cfg, progress=False)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [type(m) for m in linears] == [nn.Linear]  # only the tied head stays float
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 2 * 7
+    assert torch.equal(model.model.embed_tokens.weight, embed)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    err = (got - want).abs().max() / want.abs().max()
+    assert err < (0.03 if cfg.a_bits == 8 else 0.06), err
+    static = [m for m in model.modules() if isinstance(m, QuantLinear) and m.act == "static"]
+    assert len(static) == (0 if cfg.method == "per-token" else 2 * 5)
+    assert all((m.shift.numel() > 0) == cfg.shift for m in static)
+
+
+def test_unknown_families_bad_bits_and_empty_calibration_are_user_errors():
+    with pytest.raises(UserError, match="not a model family"):
+        linear_groups(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(UserError, match="must be 4, 6 or 8"):
+        QuantConfig(w_bits=5).validate()
+    with pytest.raises(UserError, match="4-bit activations"):
+        QuantConfig(a_bits=4).validate()
+    model, _ = tiny_llama()
+    with pytest.raises(UserError, match="calibration set is empty"):
+        observe_inputs(model, ["model.layers.0.self_attn.q_proj"], [], progress=False)
+
+
+def test_a_tiny_opt_with_layernorm_and_biases_quantizes_too():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2,
+                                     ffn_dim=128, num_attention_heads=4,
+                                     max_position_embeddings=64, word_embed_proj_dim=64)).eval()
+    ids = torch.randint(4, 200, (2, 24), generator=_gen(9))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    folded = quantize_model(model, _batches(), QuantConfig(), progress=False)
+    assert len(folded) == 4 and all(f["shift"] is not None for f in folded.values())
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 2 * 6
+    fc1 = model.model.decoder.layers[0].fc1
+    assert fc1.act == "static" and fc1.bias.numel() == 128
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert (got - want).abs().max() / want.abs().max() < 0.08  # static scales clip unseen tokens
