@@ -104,3 +104,30 @@ def test_a_tiny_opt_with_layernorm_and_biases_quantizes_too():
     with torch.no_grad():
         got = model(input_ids=ids).logits
     assert (got - want).abs().max() / want.abs().max() < 0.08  # static scales clip unseen tokens
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(), QuantConfig(w_bits=6, a_bits=6),
+                                 QuantConfig(method="per-token", weights="rtn_sym")])
+def test_a_quantized_model_round_trips_through_save_and_load(cfg, tmp_path):
+    from pertoken.quant.io import WEIGHTS_FILE, load, save_quantized
+
+    model, tokenizer = tiny_llama(hidden_size=64, intermediate_size=128)
+    quantize_model(model, _batches(), cfg, progress=False)
+    ids = torch.randint(4, 200, (2, 24), generator=_gen(9))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    save_quantized(model, tokenizer, tmp_path / "q", {"method": cfg.method})
+    again, tok = load(tmp_path / "q")
+    assert tok is not None and tok.encode("hi") == tokenizer.encode("hi")
+    with torch.no_grad():
+        got = again(input_ids=ids).logits
+    assert torch.equal(got, want)
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    out = again.generate(ids[:1, :5], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 8)
+    if cfg.w_bits == 6:  # packed: 3 bytes per 4 codes
+        from safetensors import safe_open
+        with safe_open(str(tmp_path / "q" / WEIGHTS_FILE), "pt") as f:
+            keys = list(f.keys())
+        assert any(k.endswith("weight_packed") for k in keys)
+        assert not any(k.endswith("weight_t") for k in keys)

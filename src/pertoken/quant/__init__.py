@@ -12,10 +12,12 @@ Built so far:
   shift over the true sample count, scales after the shift);
 - :mod:`pertoken.quant.convert`: :func:`quantize_model` calibrates a Llama- or OPT-style model
   and swaps its decoder linears (static folded groups after each norm, per-token for the
-  attention and MLP outputs).
+  attention and MLP outputs);
+- :mod:`pertoken.quant.io`: :func:`save_quantized` and :func:`load` (safetensors with packed
+  6-bit weights, ``quant_config.json``, the transformers config and tokenizer).
 
-Still to come (issue 6): SmoothQuant, per-tensor and weight-only baselines, GPTQ, save/load,
-the CLI and the benchmark.
+Still to come (issue 6): SmoothQuant, per-tensor and weight-only baselines, GPTQ, the CLI,
+``pertoken eval ppl`` on a saved folder, and the benchmark.
 """
 
 from pertoken._lazy import lazy_exports
@@ -25,6 +27,9 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "QuantConfig": "pertoken.quant.convert",
     "QuantLinear": "pertoken.quant.qlinear",
     "fold_channel_scales": "pertoken.quant.convert",
+    "is_quantized_folder": "pertoken.quant.io",
+    "load": "pertoken.quant.io",
+    "save_quantized": "pertoken.quant.io",
     "linear_groups": "pertoken.quant.convert",
     "observe_inputs": "pertoken.quant.observers",
     "quantize_model": "pertoken.quant.convert",

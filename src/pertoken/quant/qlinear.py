@@ -68,11 +68,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_scale", weight.scale.float().contiguous())
         self.register_buffer("weight_zero", weight.zero.to(torch.int32) if weight.zero is not None
                              else torch.zeros(0, dtype=torch.int32))
-        self.register_buffer("bias", bias.detach().float().contiguous() if bias is not None
+        self.register_buffer("bias", bias.detach().float().clone() if bias is not None
                              else empty.clone())
-        self.register_buffer("inv_scale", inv_scale.float().contiguous() if inv_scale is not None
+        self.register_buffer("inv_scale", inv_scale.float().clone() if inv_scale is not None
                              else empty.clone())
-        self.register_buffer("shift", shift.float().contiguous() if shift is not None
+        self.register_buffer("shift", shift.float().clone() if shift is not None
                              else empty.clone())
 
     def extra_repr(self) -> str:
