@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pertoken.sae.cli import add_commands as add_sae
 
     add_sae(commands, _Parser, _positive_int)
+    from pertoken.quant.cli import add_commands as add_quant
+
+    add_quant(commands, _Parser, _positive_int)
 
     p = commands.add_parser("demo", help="run every method at a small setting and build the report")
     p.add_argument("--model", default=DEFAULT_MODEL)

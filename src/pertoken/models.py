@@ -204,9 +204,15 @@ def load_model(
             if not (folder / "pertoken.json").is_file():
                 convert_gguf(where, folder)
             where = folder
-        tokenizer = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(where), dtype=dtype, attn_implementation=attn_implementation, local_files_only=True)
+        if kind == "folder" and (Path(where) / "quant_config.json").is_file():
+            from pertoken.quant.io import load as load_quantized  # written by `pertoken quant`
+
+            model, tokenizer = load_quantized(where, dtype=dtype)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(where), dtype=dtype, attn_implementation=attn_implementation,
+                local_files_only=True)
     model.eval()
     log.info("loaded %s (%s, %s) in %.2f s", name_or_path, dtype, attn_implementation,
              time.perf_counter() - start)

@@ -16,8 +16,9 @@ Built so far:
 - :mod:`pertoken.quant.io`: :func:`save_quantized` and :func:`load` (safetensors with packed
   6-bit weights, ``quant_config.json``, the transformers config and tokenizer).
 
-Still to come (issue 6): SmoothQuant, per-tensor and weight-only baselines, GPTQ, the CLI,
-``pertoken eval ppl`` on a saved folder, and the benchmark.
+``pertoken quant quantize`` calibrates and saves; ``pertoken eval ppl --model DIR`` and
+:func:`pertoken.models.load_model` read the folder. Still to come (issue 6): SmoothQuant,
+per-tensor and weight-only baselines, GPTQ, and the benchmark.
 """
 
 from pertoken._lazy import lazy_exports

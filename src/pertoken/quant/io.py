@@ -85,8 +85,10 @@ def _empty_linear(layout: dict) -> QuantLinear:
                        shift=torch.zeros(k) if layout["shift"] else None)
 
 
-def load(path: str | Path):
-    """``(model, tokenizer)`` from a folder written by :func:`save_quantized`, in eval mode."""
+def load(path: str | Path, dtype: torch.dtype | str = torch.float32):
+    """``(model, tokenizer)`` from a folder written by :func:`save_quantized`, in eval mode.
+    ``dtype`` applies to the parts left in floating point (embedding, norms, head); the
+    quantized linears keep their integer codes and float32 epilogues."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -124,6 +126,9 @@ def load(path: str | Path):
                         f"{missing[:3]}, unexpected {unexpected[:3]}")
     if tied:
         model.tie_weights()
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    for param in model.parameters():  # QuantLinear holds buffers only
+        param.data = param.data.to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True) \
         if (path / "tokenizer_config.json").is_file() else None
     return model.eval(), tokenizer

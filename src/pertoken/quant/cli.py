@@ -1,0 +1,110 @@
+"""``pertoken quant quantize``: calibrate a model on a corpus and save it on integer kernels."""
+
+from __future__ import annotations
+
+from pertoken.errors import UserError
+
+
+def calibration_batches(tokenizer, documents, tokens: int, length: int, batch_size: int = 1):
+    """Token-id batches (batch, length) for calibration: documents joined by EOS and cut into
+    windows of ``length`` tokens, up to ``tokens`` tokens (the last window may be shorter)."""
+    import torch
+
+    from pertoken.evaluate import token_stream
+
+    ids, _, _, _ = token_stream(tokenizer, documents, tokens)
+    ids = ids[:tokens]
+    if not ids:
+        raise UserError("the calibration set is empty: the corpus gave no tokens")
+    windows = [ids[i:i + length] for i in range(0, len(ids), length)]
+    full = [w for w in windows if len(w) == length]
+    batches = [torch.tensor(full[i:i + batch_size]) for i in range(0, len(full), batch_size)]
+    if len(windows[-1]) < length:
+        batches.append(torch.tensor([windows[-1]]))
+    return batches
+
+
+def _parse_calib(text: str) -> tuple[str, int]:
+    corpus, _, count = text.rpartition(":")
+    if not corpus or not count.lstrip("-").isdigit():
+        raise UserError(f"--calib takes CORPUS:TOKENS, got {text!r}")
+    if int(count) < 1:
+        raise UserError(f"calibration tokens must be at least 1, got {count}")
+    return corpus, int(count)
+
+
+def check_family(name: str) -> None:
+    """Fail early, before loading weights, on a model folder whose family is not supported
+    (its architecture built on the meta device from ``config.json``)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pertoken.models import resolve
+    from pertoken.quant.convert import linear_groups
+
+    kind, where = resolve(name)
+    if kind != "folder":
+        return
+    config = AutoConfig.from_pretrained(str(where), local_files_only=True)
+    with torch.device("meta"):
+        linear_groups(AutoModelForCausalLM.from_config(config))
+
+
+def _quantize(args) -> int:
+    import torch
+
+    from pertoken.data import open_corpus
+    from pertoken.models import load_model
+    from pertoken.quant.convert import QuantConfig, quantize_model
+    from pertoken.quant.io import save_quantized
+
+    cfg = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits,
+                      shift=not args.no_shift, shift_mode=args.shift_mode, weights=args.weights)
+    cfg.validate()
+    corpus_name, tokens = _parse_calib(args.calib)
+    check_family(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    corpus = open_corpus(corpus_name)
+    model, tokenizer = load_model(args.model, dtype="float32")
+    batches = calibration_batches(tokenizer, corpus.documents("train"), tokens, args.length)
+    folded = quantize_model(model, batches, cfg)
+    settings = {"method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
+                "shift": cfg.shift, "shift_mode": cfg.shift_mode, "weights": cfg.weights,
+                "calibration": {"corpus": corpus_name, "split": "train", "tokens": tokens,
+                                "length": args.length},
+                "source_model": args.model,
+                "folded": {name: {"linears": f["linears"], "tokens": f["tokens"],
+                                  "scale": f["scale"].tolist(),
+                                  "shift": None if f["shift"] is None else f["shift"].tolist()}
+                           for name, f in folded.items()}}
+    save_quantized(model, tokenizer, args.output, settings)
+    print(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits} ({cfg.weights} weights"
+          f"{', shift' if cfg.method == 'outliertune' and cfg.shift else ''}) of {args.model}, "
+          f"calibrated on {tokens:,} tokens of {corpus_name}: saved to {args.output}")
+    return 0
+
+
+def add_commands(commands, parser_class, positive_int) -> None:
+    from pertoken.models import DEFAULT_MODEL
+    from pertoken.quant.convert import METHODS
+
+    group = commands.add_parser("quant", help="activation and weight quantization on integer "
+                                "kernels (OutlierTune)")
+    verbs = group.add_subparsers(dest="verb", required=True, parser_class=parser_class)
+    p = verbs.add_parser("quantize", help="calibrate a model and save it quantized")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--method", default="outliertune", choices=METHODS)
+    p.add_argument("--w-bits", type=int, default=8, help="weight bits: 8, 6 or 4")
+    p.add_argument("--a-bits", type=int, default=8, help="activation bits: 8 or 6")
+    p.add_argument("--no-shift", action="store_true",
+                   help="OutlierTune without the symmetrizing shift (the ablation)")
+    p.add_argument("--shift-mode", default="mean", choices=["mean", "global"])
+    p.add_argument("--weights", default="rtn_asym", choices=["rtn_sym", "rtn_asym", "mse"],
+                   help="weight rounding")
+    p.add_argument("--calib", default="wiki-en:8192",
+                   help="calibration data CORPUS:TOKENS (the corpus's train split)")
+    p.add_argument("--length", type=positive_int, default=512, help="tokens per sequence")
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("-o", "--output", required=True, help="folder for the quantized model")
+    p.set_defaults(func=_quantize)
