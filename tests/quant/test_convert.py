@@ -52,7 +52,10 @@ def _batches(n=4, length=24, vocab=200, seed=0):
 
 @pytest.mark.parametrize("cfg", [QuantConfig(), QuantConfig(shift=False),
                                  QuantConfig(method="per-token"),
-                                 QuantConfig(w_bits=6, a_bits=6, weights="mse")])
+                                 QuantConfig(w_bits=6, a_bits=6, weights="mse"),
+                                 QuantConfig(method="smoothquant"),
+                                 QuantConfig(method="per-tensor"),
+                                 QuantConfig(method="weight-only", w_bits=4, a_bits=4)])
 def test_a_quantized_tiny_llama_runs_on_integer_linears_close_to_float(cfg):
     model, _ = tiny_llama(hidden_size=64, intermediate_size=128)
     embed = model.model.embed_tokens.weight.clone()
@@ -68,10 +71,20 @@ def test_a_quantized_tiny_llama_runs_on_integer_linears_close_to_float(cfg):
     with torch.no_grad():
         got = model(input_ids=ids).logits
     err = (got - want).abs().max() / want.abs().max()
-    assert err < (0.03 if cfg.a_bits == 8 else 0.06), err
+    assert err < {8: 0.03, 6: 0.06, 4: 0.15}[cfg.a_bits if cfg.method != "weight-only"
+                                             else cfg.w_bits], err
+    acts = [m.act for m in model.modules() if isinstance(m, QuantLinear)]
+    want_static = {"outliertune": 2 * 5, "per-tensor": 2 * 7}.get(cfg.method, 0)
+    assert acts.count("static") == want_static
+    assert acts.count("none") == (2 * 7 if cfg.method == "weight-only" else 0)
     static = [m for m in model.modules() if isinstance(m, QuantLinear) and m.act == "static"]
-    assert len(static) == (0 if cfg.method == "per-token" else 2 * 5)
-    assert all((m.shift.numel() > 0) == cfg.shift for m in static)
+    if cfg.method == "outliertune":
+        assert all((m.shift.numel() > 0) == cfg.shift for m in static)
+    if cfg.method == "per-tensor":  # one scale per input
+        assert all(bool((m.inv_scale == m.inv_scale[0]).all()) for m in static)
+    if cfg.method == "smoothquant":  # the migration sits in front of per-token codes
+        assert sum(m.inv_scale.numel() > 0 for m in model.modules()
+                   if isinstance(m, QuantLinear)) == 2 * 5
 
 
 def test_unknown_families_bad_bits_and_empty_calibration_are_user_errors():
@@ -81,6 +94,8 @@ def test_unknown_families_bad_bits_and_empty_calibration_are_user_errors():
         QuantConfig(w_bits=5).validate()
     with pytest.raises(UserError, match="4-bit activations"):
         QuantConfig(a_bits=4).validate()
+    with pytest.raises(UserError, match="alpha"):
+        QuantConfig(method="smoothquant", smooth_alpha=1.5).validate()
     model, _ = tiny_llama()
     with pytest.raises(UserError, match="calibration set is empty"):
         observe_inputs(model, ["model.layers.0.self_attn.q_proj"], [], progress=False)
@@ -107,7 +122,10 @@ def test_a_tiny_opt_with_layernorm_and_biases_quantizes_too():
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(), QuantConfig(w_bits=6, a_bits=6),
-                                 QuantConfig(method="per-token", weights="rtn_sym")])
+                                 QuantConfig(method="per-token", weights="rtn_sym"),
+                                 QuantConfig(method="smoothquant"),
+                                 QuantConfig(method="per-tensor"),
+                                 QuantConfig(method="weight-only", w_bits=4)])
 def test_a_quantized_model_round_trips_through_save_and_load(cfg, tmp_path):
     from pertoken.quant.io import WEIGHTS_FILE, load, save_quantized
 

@@ -17,8 +17,9 @@ Built so far:
   6-bit weights, ``quant_config.json``, the transformers config and tokenizer).
 
 ``pertoken quant quantize`` calibrates and saves; ``pertoken eval ppl --model DIR`` and
-:func:`pertoken.models.load_model` read the folder. Still to come (issue 6): SmoothQuant,
-per-tensor and weight-only baselines, GPTQ, and the benchmark.
+:func:`pertoken.models.load_model` read the folder. Baselines: SmoothQuant (migration, then
+per token), per-token, per-tensor static and weight-only. Still to come (issue 6): GPTQ
+weights, the quantized head option, and the benchmark.
 """
 
 from pertoken._lazy import lazy_exports

@@ -59,7 +59,8 @@ def _quantize(args) -> int:
     from pertoken.quant.io import save_quantized
 
     cfg = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits,
-                      shift=not args.no_shift, shift_mode=args.shift_mode, weights=args.weights)
+                      shift=not args.no_shift, shift_mode=args.shift_mode, weights=args.weights,
+                      smooth_alpha=args.alpha)
     cfg.validate()
     corpus_name, tokens = _parse_calib(args.calib)
     check_family(args.model)
@@ -71,6 +72,7 @@ def _quantize(args) -> int:
     folded = quantize_model(model, batches, cfg)
     settings = {"method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
                 "shift": cfg.shift, "shift_mode": cfg.shift_mode, "weights": cfg.weights,
+                "smooth_alpha": cfg.smooth_alpha,
                 "calibration": {"corpus": corpus_name, "split": "train", "tokens": tokens,
                                 "length": args.length},
                 "source_model": args.model,
@@ -100,6 +102,7 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--no-shift", action="store_true",
                    help="OutlierTune without the symmetrizing shift (the ablation)")
     p.add_argument("--shift-mode", default="mean", choices=["mean", "global"])
+    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength")
     p.add_argument("--weights", default="rtn_asym", choices=["rtn_sym", "rtn_asym", "mse"],
                    help="weight rounding")
     p.add_argument("--calib", default="wiki-en:8192",

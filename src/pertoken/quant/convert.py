@@ -23,13 +23,15 @@ from pertoken.quant.quantizers import QuantizedWeight, quantize_weight
 
 log = logging.getLogger(__name__)
 
-METHODS = ("outliertune", "per-token")
+METHODS = ("outliertune", "smoothquant", "per-token", "per-tensor", "weight-only")
 
 
 @dataclass
 class QuantConfig:
     method: str = "outliertune"
-    """``outliertune`` (static per-channel, folded) or ``per-token`` (dynamic everywhere)"""
+    """``outliertune`` (static per-channel, folded), ``smoothquant`` (SmoothQuant's migration,
+    then per-token), ``per-token`` (dynamic everywhere), ``per-tensor`` (one static scale per
+    linear input) or ``weight-only``"""
     w_bits: int = 8
     a_bits: int = 8
     shift: bool = True
@@ -38,6 +40,8 @@ class QuantConfig:
     """``mean`` of the per-sample mid-ranges, or the ``global`` mid-range"""
     weights: str = "rtn_asym"
     """weight rounding: ``rtn_sym``, ``rtn_asym`` or ``mse``"""
+    smooth_alpha: float = 0.5
+    """SmoothQuant's migration strength alpha"""
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -46,8 +50,10 @@ class QuantConfig:
             if getattr(self, name) not in (4, 6, 8):
                 raise UserError(f"{name.replace('_', '-')} must be 4, 6 or 8, got "
                                 f"{getattr(self, name)}")
-        if self.a_bits == 4:
+        if self.a_bits == 4 and self.method != "weight-only":
             raise UserError("4-bit activations are not supported: use --a-bits 6 or 8")
+        if not 0 <= self.smooth_alpha <= 1:
+            raise UserError(f"the SmoothQuant alpha must be in [0, 1], got {self.smooth_alpha}")
 
 
 @dataclass
@@ -107,37 +113,62 @@ def _weight(w: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
     return q.centred() if q.zero is not None and cfg.w_bits <= 7 else q
 
 
+def _smoothing(absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-channel factors ``a_j = max|X_j|^alpha / max|W_:j|^(1 - alpha)`` over
+    the group's weights; the input is divided by them and the weights multiplied."""
+    w_max = torch.stack([w.detach().float().abs().amax(dim=0) for w in weights]).amax(dim=0)
+    a = absmax.float().clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)
+    return a.clamp(min=1e-5)
+
+
 def quantize_model(model: nn.Module, batches: Iterable[torch.Tensor], cfg: QuantConfig,
                    progress: bool = True) -> dict:
     """Calibrate on ``batches`` (unpadded token-id tensors) and replace every decoder linear of
-    ``model`` by a :class:`~pertoken.quant.qlinear.QuantLinear`, in place. Returns what was
-    done: per static group its scales and shifts (for the saved config and diagnostics)."""
+    ``model`` by a :class:`~pertoken.quant.qlinear.QuantLinear`, in place. Returns per
+    calibrated group its scales (OutlierTune's and per-tensor's static scales, SmoothQuant's
+    factors) and shifts, for the saved config and diagnostics."""
     cfg.validate()
     groups = linear_groups(model)
-    static = [g for g in groups if g.kind == "static"] if cfg.method == "outliertune" else []
-    stats = observe_inputs(model, [g.linears[0] for g in static], batches, progress) \
-        if static else {}
+    if cfg.method in ("outliertune", "smoothquant"):
+        calibrated = [g for g in groups if g.kind == "static"]
+    elif cfg.method == "per-tensor":
+        calibrated = groups
+    else:
+        calibrated = []
+    stats = observe_inputs(model, [g.linears[0] for g in calibrated], batches, progress) \
+        if calibrated else {}
     folded = {}
     for group in groups:
-        if group in static:
+        scale = shift = None
+        if group in calibrated:
             st = stats[group.linears[0]]
-            shift = st.shift(cfg.shift_mode) if cfg.shift else None
-            scale = st.scale(cfg.a_bits, shift)
-            folded[group.linears[0]] = {"linears": group.linears, "scale": scale, "shift": shift,
-                                        "tokens": st.tokens}
+            if cfg.method == "outliertune":
+                shift = st.shift(cfg.shift_mode) if cfg.shift else None
+                scale = st.scale(cfg.a_bits, shift)
+            elif cfg.method == "per-tensor":
+                scale = st.scale(cfg.a_bits).max().expand(st.channels).clone()
+            else:
+                scale = _smoothing(st.absmax, [model.get_submodule(n).weight
+                                               for n in group.linears], cfg.smooth_alpha)
+            folded[group.linears[0]] = {"linears": group.linears, "scale": scale,
+                                        "shift": shift, "tokens": st.tokens}
         for name in group.linears:
             linear = model.get_submodule(name)
-            bias = linear.bias
-            if group in static:
-                w, b = fold_channel_scales(linear.weight, bias, scale, shift)
-                new = QuantLinear(_weight(w, cfg), b, "static", cfg.a_bits,
-                                  inv_scale=1 / scale, shift=shift)
+            if scale is not None:
+                w, b = fold_channel_scales(linear.weight, linear.bias, scale, shift)
             else:
-                new = QuantLinear(_weight(linear.weight.detach().float(), cfg),
-                                  None if bias is None else bias.detach(), "per-token",
-                                  cfg.a_bits)
+                w = linear.weight.detach().float()
+                b = None if linear.bias is None else linear.bias.detach()
+            if cfg.method == "weight-only":
+                act = "none"
+            elif scale is not None and cfg.method != "smoothquant":
+                act = "static"
+            else:
+                act = "per-token"
+            new = QuantLinear(_weight(w, cfg), b, act, cfg.a_bits,
+                              inv_scale=None if scale is None else 1 / scale, shift=shift)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
-    log.info("%s W%dA%d: %d linears on integer kernels (%d static groups)", cfg.method,
-             cfg.w_bits, cfg.a_bits, sum(len(g.linears) for g in groups), len(static))
+    log.info("%s W%dA%d: %d linears quantized (%d calibrated groups)", cfg.method, cfg.w_bits,
+             cfg.a_bits, sum(len(g.linears) for g in groups), len(calibrated))
     return folded

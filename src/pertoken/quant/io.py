@@ -33,7 +33,7 @@ def _layout(module: QuantLinear) -> dict:
     return {"in": module.in_features, "out": module.out_features, "act": module.act,
             "a_bits": module.a_bits, "w_bits": module.w_bits,
             "asym": module.weight_zero.numel() > 0, "bias": module.bias.numel() > 0,
-            "shift": module.shift.numel() > 0}
+            "shift": module.shift.numel() > 0, "inv_scale": module.inv_scale.numel() > 0}
 
 
 def save_quantized(model: nn.Module, tokenizer, path: str | Path, settings: dict) -> Path:
@@ -79,9 +79,9 @@ def _empty_linear(layout: dict) -> QuantLinear:
     weight = QuantizedWeight(torch.zeros(n, k, dtype=torch.int8), torch.ones(n),
                              torch.zeros(n, dtype=torch.int32) if layout["asym"] else None,
                              layout["w_bits"])
-    static = layout["act"] == "static"
+    scaled = layout.get("inv_scale", layout["act"] == "static")
     return QuantLinear(weight, torch.zeros(n) if layout["bias"] else None, layout["act"],
-                       layout["a_bits"], inv_scale=torch.ones(k) if static else None,
+                       layout["a_bits"], inv_scale=torch.ones(k) if scaled else None,
                        shift=torch.zeros(k) if layout["shift"] else None)
 
 

@@ -6,7 +6,10 @@ Activation modes:
 - ``static``: per-channel codes ``round((x - shift) * inv_scale)`` with calibrated scales; the
   per-channel dequantization is already folded into the weight (``W' = W diag(s)``) and the
   shift's effect into the bias (``b' = b + W shift``), so the epilogue is ``acc * step + b'``;
-- ``per-token``: dynamic absmax codes; the epilogue is ``acc * s_t * step + b``.
+- ``per-token``: dynamic absmax codes; the epilogue is ``acc * s_t * step + b`` (with
+  ``inv_scale`` given, the input is first multiplied by it: SmoothQuant's migration, whose
+  inverse is folded into the weight);
+- ``none``: weight-only quantization, a float matmul with the dequantized weight.
 
 Weights are per-output-row codes (:class:`~pertoken.quant.quantizers.QuantizedWeight`); an
 asymmetric 8-bit weight subtracts ``rowsum(x_codes) * zero`` from the int32 accumulator, and
@@ -22,7 +25,7 @@ from torch import nn
 from pertoken.errors import UserError
 from pertoken.quant.quantizers import QuantizedWeight, per_token_codes, static_codes
 
-ACT_MODES = ("static", "per-token")
+ACT_MODES = ("static", "per-token", "none")
 
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor, pad: bool | None = None) -> torch.Tensor:
@@ -86,7 +89,14 @@ class QuantLinear(nn.Module):
         if self.act == "static":
             shift = self.shift if self.shift.numel() else None
             return static_codes(x, self.inv_scale, self.a_bits, shift), None
-        return per_token_codes(x, self.a_bits)
+        return per_token_codes(x * self.inv_scale if self.inv_scale.numel() else x, self.a_bits)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight (out, in) the codes stand for."""
+        q = self.weight_t.t().float()
+        if self.weight_zero.numel():
+            q = q - self.weight_zero.float()[:, None]
+        return q * self.weight_scale[:, None]
 
     def accumulate(self, codes: torch.Tensor) -> torch.Tensor:
         """The int32 accumulator ``codes @ (W_codes - zero)^T``."""
@@ -98,6 +108,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features).float()
+        if self.act == "none":
+            y = nn.functional.linear(flat, self.dequantized_weight(),
+                                     self.bias if self.bias.numel() else None)
+            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         codes, token_scale = self.codes(flat)
         y = self.accumulate(codes).float()
         if token_scale is not None:
