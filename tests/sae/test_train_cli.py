@@ -151,6 +151,7 @@ def test_calibrate_sets_the_mean_cut_in_place_and_refuses_topk(store, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr
     after = load(out)
+    assert json.loads((out / "cfg.json").read_text())["pertoken"]["scale"] == cfg["scale"]
     assert torch.allclose(after.threshold, want.threshold)
     assert not torch.allclose(after.threshold, before.threshold)
     assert torch.equal(after.W_enc, before.W_enc)

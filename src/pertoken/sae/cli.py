@@ -210,7 +210,7 @@ def _calibrate(args) -> int:
     calibrate_thresholds(sae, (store.rows(np.arange(i * batch, (i + 1) * batch) % len(store))
                                for i in range(n)), batch, capacities)
     save_sae(sae, args.sae, metadata=config.get("metadata"), batch_size=trained_batch,
-             capacities=capacities)
+             capacities=capacities, folded_scale=config["pertoken"].get("scale"))
     finite = torch.isfinite(before) & torch.isfinite(sae.threshold)
     print(f"{sae.cfg.arch} SAE at {args.sae}: thresholds from {n} batches of {batch:,} "
           f"activations; mean {float(before[finite].mean()):.4g} -> "

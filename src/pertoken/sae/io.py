@@ -66,7 +66,7 @@ def _saelens_version() -> str:
 
 def save_sae(sae: SparseAutoencoder, path: str | Path, scale: float = 1.0,
              metadata: dict | None = None, batch_size: int | None = None,
-             capacities: torch.Tensor | None = None) -> Path:
+             capacities: torch.Tensor | None = None, folded_scale: float | None = None) -> Path:
     """Write ``sae`` (trained on activations times ``scale``) as a SAELens folder at ``path``
     that works on raw activations. Each of the two files is written atomically (weights first,
     then ``cfg.json``); other files in the folder (a trainer's checkpoints and log) stay.
@@ -75,7 +75,8 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, scale: float = 1.0,
     ``model.layers.19``, ``context_size``, ``dataset_path``, or anything else). ``batch_size``
     (the training batch B) and ``capacities`` (Feature Choice's per-feature m_j at that B, when
     they are not uniform) are kept for batch-mode evaluation and threshold calibration; see
-    :func:`training_batch`.
+    :func:`training_batch`. ``folded_scale``: for an SAE already in raw units (one read by
+    :func:`load`, saved again with ``scale=1``), the training scale to record.
     """
     from safetensors.torch import save_file
 
@@ -126,7 +127,8 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, scale: float = 1.0,
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": meta,
-        "pertoken": {"format": FORMAT_VERSION, "config": cfg.to_dict(), "scale": scale,
+        "pertoken": {"format": FORMAT_VERSION, "config": cfg.to_dict(),
+                     "scale": scale if folded_scale is None else float(folded_scale),
                      "units": "raw activations (scale folded into the weights)",
                      "batch_size": batch_size,
                      "capacities": (None if capacities is None
