@@ -51,6 +51,8 @@ def check_family(name: str) -> None:
 
 
 def _quantize(args) -> int:
+    from dataclasses import asdict
+
     import torch
 
     from pertoken.data import open_corpus
@@ -70,9 +72,7 @@ def _quantize(args) -> int:
     model, tokenizer = load_model(args.model, dtype="float32")
     batches = calibration_batches(tokenizer, corpus.documents("train"), tokens, args.length)
     folded = quantize_model(model, batches, cfg)
-    settings = {"method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
-                "shift": cfg.shift, "shift_mode": cfg.shift_mode, "weights": cfg.weights,
-                "smooth_alpha": cfg.smooth_alpha,
+    settings = {**asdict(cfg),
                 "calibration": {"corpus": corpus_name, "split": "train", "tokens": tokens,
                                 "length": args.length},
                 "source_model": args.model,

@@ -108,6 +108,12 @@ def fold_channel_scales(weight: torch.Tensor, bias: torch.Tensor | None, scale: 
     return folded, b if bias is None else bias.detach().float() + b
 
 
+def replace_linear(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the submodule ``name`` (dotted path) of ``model`` is."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
 def _weight(w: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
     q = quantize_weight(w, cfg.w_bits, cfg.weights)
     return q.centred() if q.zero is not None and cfg.w_bits <= 7 else q
@@ -167,8 +173,7 @@ def quantize_model(model: nn.Module, batches: Iterable[torch.Tensor], cfg: Quant
                 act = "per-token"
             new = QuantLinear(_weight(w, cfg), b, act, cfg.a_bits,
                               inv_scale=None if scale is None else 1 / scale, shift=shift)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
+            replace_linear(model, name, new)
     log.info("%s W%dA%d: %d linears quantized (%d calibrated groups)", cfg.method, cfg.w_bits,
              cfg.a_bits, sum(len(g.linears) for g in groups), len(calibrated))
     return folded

@@ -17,6 +17,7 @@ from torch import nn
 
 from pertoken.atomic import atomic_path, write_json_atomic
 from pertoken.errors import UserError
+from pertoken.quant.convert import replace_linear
 from pertoken.quant.qlinear import QuantLinear
 from pertoken.quant.quantizers import QuantizedWeight, pack_int6, unpack_int6
 
@@ -105,8 +106,7 @@ def load(path: str | Path, dtype: torch.dtype | str = torch.float32):
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     model = AutoModelForCausalLM.from_config(config)
     for name, layout in layouts.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, _empty_linear(layout))
+        replace_linear(model, name, _empty_linear(layout))
     try:
         state = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError) as error:
