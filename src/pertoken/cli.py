@@ -220,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(levelname)s %(name)s: %(message)s")
+        if not args.verbose:
+            # transformers imports torchao when it is installed (pertoken's benchmark baseline);
+            # its CPU-only build warns about its CUDA extensions and torch about its enums
+            for noisy in ("torchao", "torch.utils._pytree"):
+                logging.getLogger(noisy).setLevel(logging.ERROR)
         return args.func(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

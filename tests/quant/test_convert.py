@@ -149,3 +149,51 @@ def test_a_quantized_model_round_trips_through_save_and_load(cfg, tmp_path):
             keys = list(f.keys())
         assert any(k.endswith("weight_packed") for k in keys)
         assert not any(k.endswith("weight_t") for k in keys)
+
+
+def test_the_head_option_runs_the_tied_head_and_embedding_on_one_int8_table(tmp_path):
+    from safetensors import safe_open
+
+    from pertoken.quant.io import WEIGHTS_FILE, load, save_quantized
+    from pertoken.quant.qlinear import QuantEmbedding
+
+    model, tokenizer = tiny_llama(hidden_size=64, intermediate_size=128)
+    embed = model.model.embed_tokens.weight.detach().clone()
+    ids = torch.randint(4, 200, (2, 24), generator=_gen(9))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    quantize_model(model, _batches(), QuantConfig(head=True), progress=False)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.act == "per-token"
+    assert isinstance(model.model.embed_tokens, QuantEmbedding)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    # the embedding rows are the head's dequantized rows: within half a step of the original
+    rows = model.model.embed_tokens(ids[0])
+    step = model.lm_head.weight_scale[ids[0]][:, None]
+    assert torch.all((rows - embed[ids[0]]).abs() <= step / 2 + 1e-7)
+    assert torch.equal(rows, model.lm_head.dequantized_weight()[ids[0]])
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert (got - want).abs().max() / want.abs().max() < 0.03
+    save_quantized(model, tokenizer, tmp_path / "q", {"method": "outliertune"},
+                   embedding_dtype="bfloat16")
+    with safe_open(str(tmp_path / "q" / WEIGHTS_FILE), "pt") as f:
+        keys = list(f.keys())
+    assert not any("embed_tokens" in k for k in keys) and "lm_head.weight_t" in keys
+    again, _ = load(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, got)
+    assert again.generate(ids[:1, :5], max_new_tokens=3, do_sample=False).shape == (1, 8)
+    half, _ = load(tmp_path / "q", dtype="bfloat16")
+    assert half.model.embed_tokens(ids).dtype == torch.bfloat16
+
+
+def test_a_bfloat16_embedding_is_what_the_reloaded_tied_model_uses(tmp_path):
+    from pertoken.quant.io import load, save_quantized
+
+    model, tokenizer = tiny_llama(hidden_size=64, intermediate_size=128)
+    quantize_model(model, _batches(), QuantConfig(), progress=False)
+    save_quantized(model, tokenizer, tmp_path / "q", {}, embedding_dtype="bfloat16")
+    again, _ = load(tmp_path / "q")
+    rounded = model.model.embed_tokens.weight.detach().bfloat16().float()
+    assert torch.equal(again.model.embed_tokens.weight, rounded)
+    assert again.lm_head.weight is again.model.embed_tokens.weight

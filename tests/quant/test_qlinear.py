@@ -65,3 +65,23 @@ def test_padding_for_cuda_shape_rules_is_exact(m, k, n):
     b = torch.randint(-128, 128, (k, n), generator=_gen(n), dtype=torch.int8)
     assert torch.equal(int_matmul(a, b, pad=True), a.int() @ b.int())
     assert torch.equal(int_matmul(a, b, pad=False), a.int() @ b.int())
+
+
+def test_per_token_w8a8_agrees_with_torchao_dynamic_int8():
+    """torchao's Int8DynamicActivationInt8WeightConfig is the established per-token baseline."""
+    torchao = pytest.importorskip("torchao")
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 64, bias=True)
+    x = torch.randn(33, 96)
+    x[:, 5] *= 20  # an outlier channel
+    ours = QuantLinear(quantize_weight(linear.weight, 8, "rtn_sym"), linear.bias, "per-token", 8)
+    theirs = torch.nn.Sequential(linear)
+    quantize_(theirs, Int8DynamicActivationInt8WeightConfig())
+    with torch.no_grad():
+        want, got, exact = theirs(x), ours(x), linear(x)
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+    assert cos > 0.9999, cos
+    assert (got - exact).norm() < 0.05 * exact.norm()
+    assert torchao.__version__

@@ -62,7 +62,7 @@ def _quantize(args) -> int:
 
     cfg = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits,
                       shift=not args.no_shift, shift_mode=args.shift_mode, weights=args.weights,
-                      smooth_alpha=args.alpha)
+                      smooth_alpha=args.alpha, head=args.head)
     cfg.validate()
     corpus_name, tokens = _parse_calib(args.calib)
     check_family(args.model)
@@ -80,7 +80,9 @@ def _quantize(args) -> int:
                                   "scale": f["scale"].tolist(),
                                   "shift": None if f["shift"] is None else f["shift"].tolist()}
                            for name, f in folded.items()}}
-    save_quantized(model, tokenizer, args.output, settings)
+    save_quantized(model, tokenizer, args.output, settings,
+                   embedding_dtype=None if args.embedding_dtype == "float32"
+                   else args.embedding_dtype)
     print(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits} ({cfg.weights} weights"
           f"{', shift' if cfg.method == 'outliertune' and cfg.shift else ''}) of {args.model}, "
           f"calibrated on {tokens:,} tokens of {corpus_name}: saved to {args.output}")
@@ -89,7 +91,7 @@ def _quantize(args) -> int:
 
 def add_commands(commands, parser_class, positive_int) -> None:
     from pertoken.models import DEFAULT_MODEL
-    from pertoken.quant.convert import METHODS
+    from pertoken.quant.convert import METHODS, WEIGHT_QUANTIZERS
 
     group = commands.add_parser("quant", help="activation and weight quantization on integer "
                                 "kernels (OutlierTune)")
@@ -103,8 +105,13 @@ def add_commands(commands, parser_class, positive_int) -> None:
                    help="OutlierTune without the symmetrizing shift (the ablation)")
     p.add_argument("--shift-mode", default="mean", choices=["mean", "global"])
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength")
-    p.add_argument("--weights", default="rtn_asym", choices=["rtn_sym", "rtn_asym", "mse"],
+    p.add_argument("--weights", default="rtn_asym", choices=list(WEIGHT_QUANTIZERS),
                    help="weight rounding")
+    p.add_argument("--head", action="store_true",
+                   help="also quantize the output head (W8A8 per token); a tied embedding then "
+                   "reads the head's int8 codes")
+    p.add_argument("--embedding-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="how a float input embedding (shared by a tied head) is stored")
     p.add_argument("--calib", default="wiki-en:8192",
                    help="calibration data CORPUS:TOKENS (the corpus's train split)")
     p.add_argument("--length", type=positive_int, default=512, help="tokens per sequence")

@@ -24,6 +24,7 @@ from pertoken.quant.quantizers import QuantizedWeight, quantize_weight
 log = logging.getLogger(__name__)
 
 METHODS = ("outliertune", "smoothquant", "per-token", "per-tensor", "weight-only")
+WEIGHT_QUANTIZERS = ("rtn_sym", "rtn_asym", "mse", "gptq")
 
 
 @dataclass
@@ -39,9 +40,13 @@ class QuantConfig:
     shift_mode: str = "mean"
     """``mean`` of the per-sample mid-ranges, or the ``global`` mid-range"""
     weights: str = "rtn_asym"
-    """weight rounding: ``rtn_sym``, ``rtn_asym`` or ``mse``"""
+    """weight rounding: ``rtn_sym``, ``rtn_asym``, ``mse`` or ``gptq`` (sequential over the
+    decoder layers, on the calibration batches)"""
     smooth_alpha: float = 0.5
     """SmoothQuant's migration strength alpha"""
+    head: bool = False
+    """also run the output head on integer kernels (W8A8, per-token codes, symmetric per-row
+    weights); a tied input embedding then reads its rows from the head's codes"""
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -50,6 +55,9 @@ class QuantConfig:
             if getattr(self, name) not in (4, 6, 8):
                 raise UserError(f"{name.replace('_', '-')} must be 4, 6 or 8, got "
                                 f"{getattr(self, name)}")
+        if self.weights not in WEIGHT_QUANTIZERS:
+            raise UserError(f"unknown weight quantizer {self.weights!r}: choose "
+                            f"{', '.join(WEIGHT_QUANTIZERS)}")
         if self.a_bits == 4 and self.method != "weight-only":
             raise UserError("4-bit activations are not supported: use --a-bits 6 or 8")
         if not 0 <= self.smooth_alpha <= 1:
@@ -64,16 +72,21 @@ class LinearGroup:
     kind: str
 
 
+def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
+    """The decoder layers of a Llama-style (``model.layers``) or OPT-style
+    (``model.decoder.layers``) causal LM, and their dotted path."""
+    inner = getattr(model, "model", model)
+    if hasattr(inner, "layers"):
+        return inner.layers, "model.layers"
+    if hasattr(inner, "decoder") and hasattr(inner.decoder, "layers"):
+        return inner.decoder.layers, "model.decoder.layers"
+    raise UserError(f"{type(model).__name__} is not a model family pertoken quant knows "
+                    "(Llama-style or OPT-style decoder layers)")
+
+
 def linear_groups(model: nn.Module) -> list[LinearGroup]:
     """The decoder's linear groups for Llama-family (RMSNorm, SwiGLU) and OPT-style models."""
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    prefix = "model.layers"
-    if layers is None and hasattr(inner, "decoder"):
-        layers, prefix = inner.decoder.layers, "model.decoder.layers"
-    if layers is None:
-        raise UserError(f"{type(model).__name__} is not a model family pertoken quant knows "
-                        "(Llama-style or OPT-style decoder layers)")
+    layers, prefix = decoder_layers(model)
     groups = []
     for i, layer in enumerate(layers):
         p = f"{prefix}.{i}"
@@ -114,9 +127,125 @@ def replace_linear(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
+def _centred(q: QuantizedWeight) -> QuantizedWeight:
+    """Narrow asymmetric codes store ``codes - zero`` (no zero-point correction at run time)."""
+    return q.centred() if q.zero is not None and q.bits <= 7 else q
+
+
 def _weight(w: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
-    q = quantize_weight(w, cfg.w_bits, cfg.weights)
-    return q.centred() if q.zero is not None and cfg.w_bits <= 7 else q
+    return _centred(quantize_weight(w, cfg.w_bits, cfg.weights))
+
+
+@dataclass
+class _Plan:
+    """A linear's folded float weight and bias and its activation quantizer, before rounding."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    act: str
+    inv_scale: torch.Tensor | None
+    shift: torch.Tensor | None
+
+    def build(self, weight: QuantizedWeight, cfg: QuantConfig) -> QuantLinear:
+        return QuantLinear(weight, self.bias, self.act, cfg.a_bits, inv_scale=self.inv_scale,
+                           shift=self.shift)
+
+    def gptq_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the folded weight multiplies: ``(x - shift) / scale`` for static activations,
+        SmoothQuant's ``x / a``, or ``x`` itself."""
+        x = x.float()
+        if self.shift is not None:
+            x = x - self.shift
+        return x * self.inv_scale if self.inv_scale is not None else x
+
+
+def quantize_head(model: nn.Module) -> QuantLinear:
+    """Swap the output head for a W8A8 per-token :class:`QuantLinear` (symmetric per-row
+    weights, so that a row is ``codes * step``). With tied embeddings the input embedding
+    becomes a :class:`~pertoken.quant.qlinear.QuantEmbedding` over the same codes and the
+    config is untied, so nothing float is kept for either (spec §1.1 leaves the head float;
+    this is pertoken's option for speed: the 49k-row head is a large share of a forward)."""
+    from pertoken.quant.qlinear import QuantEmbedding
+
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise UserError(f"{type(model).__name__} has no linear output head to quantize")
+    embedding = model.get_input_embeddings()
+    tied = embedding is not None and embedding.weight is head.weight
+    new = QuantLinear(quantize_weight(head.weight, 8, "rtn_sym"), head.bias, "per-token", 8)
+    model.set_output_embeddings(new)
+    if tied:
+        model.set_input_embeddings(QuantEmbedding(new, embedding.weight.dtype))
+        model.config.tie_word_embeddings = False
+    return new
+
+
+def _layer_inputs(model: nn.Module, layers: nn.ModuleList, batches) -> list[tuple]:
+    """The first decoder layer's positional and keyword inputs for each calibration batch."""
+
+    class _Stop(Exception):
+        pass
+
+    captured = []
+
+    def grab(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for ids in batches:
+                try:
+                    model(input_ids=ids, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise UserError("the calibration set is empty")
+    return captured
+
+
+def _gptq_sequential(model: nn.Module, batches, plans: dict[str, _Plan], cfg: QuantConfig,
+                     progress: bool) -> None:
+    """GPTQ layer by layer (spec §1.5): each decoder layer's input Hessians are collected on
+    the calibration batches as they come out of the already-quantized layers before it; its
+    linears are rounded and swapped; its quantized outputs feed the next layer."""
+    from tqdm.auto import tqdm
+
+    from pertoken.quant.gptq import HessianAccumulator, gptq_quantize
+
+    layers, prefix = decoder_layers(model)
+    inputs = _layer_inputs(model, layers, batches)
+    for i, layer in enumerate(tqdm(layers, desc="gptq", unit="layer", disable=not progress)):
+        names = [n for n in plans if n.startswith(f"{prefix}.{i}.")]
+        hessians = {n: HessianAccumulator(plans[n].weight.shape[1]) for n in names}
+        handles = []
+        for name in names:
+            def hook(_module, args, name=name):
+                hessians[name].add(plans[name].gptq_input(args[0]))
+
+            handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+        try:
+            with torch.inference_mode():
+                for args, kwargs in inputs:
+                    layer(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name in names:
+            q = gptq_quantize(plans[name].weight, hessians[name].hessian, cfg.w_bits)
+            replace_linear(model, name, plans[name].build(_centred(q), cfg))
+        with torch.inference_mode():
+            outputs = []
+            for args, kwargs in inputs:
+                out = layer(*args, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                if args:
+                    outputs.append(((out,) + tuple(args[1:]), kwargs))
+                else:
+                    outputs.append(((), {**kwargs, "hidden_states": out}))
+        inputs = outputs
 
 
 def _smoothing(absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -134,6 +263,7 @@ def quantize_model(model: nn.Module, batches: Iterable[torch.Tensor], cfg: Quant
     calibrated group its scales (OutlierTune's and per-tensor's static scales, SmoothQuant's
     factors) and shifts, for the saved config and diagnostics."""
     cfg.validate()
+    batches = list(batches)
     groups = linear_groups(model)
     if cfg.method in ("outliertune", "smoothquant"):
         calibrated = [g for g in groups if g.kind == "static"]
@@ -143,7 +273,7 @@ def quantize_model(model: nn.Module, batches: Iterable[torch.Tensor], cfg: Quant
         calibrated = []
     stats = observe_inputs(model, [g.linears[0] for g in calibrated], batches, progress) \
         if calibrated else {}
-    folded = {}
+    folded, plans = {}, {}
     for group in groups:
         scale = shift = None
         if group in calibrated:
@@ -171,9 +301,14 @@ def quantize_model(model: nn.Module, batches: Iterable[torch.Tensor], cfg: Quant
                 act = "static"
             else:
                 act = "per-token"
-            new = QuantLinear(_weight(w, cfg), b, act, cfg.a_bits,
-                              inv_scale=None if scale is None else 1 / scale, shift=shift)
-            replace_linear(model, name, new)
+            plans[name] = _Plan(w, b, act, None if scale is None else 1 / scale, shift)
+    if cfg.weights == "gptq":
+        _gptq_sequential(model, batches, plans, cfg, progress)
+    else:
+        for name, plan in plans.items():
+            replace_linear(model, name, plan.build(_weight(plan.weight, cfg), cfg))
+    if cfg.head:
+        quantize_head(model)
     log.info("%s W%dA%d: %d linears quantized (%d calibrated groups)", cfg.method, cfg.w_bits,
              cfg.a_bits, sum(len(g.linears) for g in groups), len(calibrated))
     return folded

@@ -37,10 +37,15 @@ def _layout(module: QuantLinear) -> dict:
             "shift": module.shift.numel() > 0, "inv_scale": module.inv_scale.numel() > 0}
 
 
-def save_quantized(model: nn.Module, tokenizer, path: str | Path, settings: dict) -> Path:
+def save_quantized(model: nn.Module, tokenizer, path: str | Path, settings: dict,
+                   embedding_dtype: torch.dtype | str | None = None) -> Path:
     """Write ``model`` (after :func:`~pertoken.quant.convert.quantize_model`) to ``path``.
-    ``settings`` (method, bits, calibration, ...) goes into ``quant_config.json``."""
+    ``settings`` (method, bits, calibration, ...) goes into ``quant_config.json``. A float
+    input embedding (which a tied head shares) is stored in ``embedding_dtype`` (None: as it
+    is; ``bfloat16`` halves the largest float tensor of a small model)."""
     from safetensors.torch import save_file
+
+    from pertoken.quant.qlinear import QuantEmbedding
 
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -51,9 +56,17 @@ def save_quantized(model: nn.Module, tokenizer, path: str | Path, settings: dict
         raise UserError("the model has no quantized linears to save")
     state = {}
     tied = getattr(model.config, "tie_word_embeddings", False)
+    embedding = model.get_input_embeddings()
+    from_head = isinstance(embedding, QuantEmbedding)
+    embedding_key = next((f"{n}.weight" for n, m in model.named_modules() if m is embedding),
+                         None)
+    if isinstance(embedding_dtype, str):
+        embedding_dtype = getattr(torch, embedding_dtype)
     for key, value in model.state_dict().items():
         if tied and key == "lm_head.weight":
             continue
+        if key == embedding_key and embedding_dtype is not None and value.is_floating_point():
+            value = value.to(embedding_dtype)
         owner, _, leaf = key.rpartition(".")
         if owner in layouts and leaf == "weight_t" and layouts[owner]["w_bits"] == 6:
             # 6-bit weights may be stored centred (codes minus an asymmetric zero point, up to
@@ -71,7 +84,8 @@ def save_quantized(model: nn.Module, tokenizer, path: str | Path, settings: dict
         tokenizer.save_pretrained(path)
     with atomic_path(path / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
-    write_json_atomic(path / QUANT_FILE, {"format": FORMAT, **settings, "linears": layouts})
+    write_json_atomic(path / QUANT_FILE, {"format": FORMAT, **settings, "linears": layouts,
+                                          "embedding": "head" if from_head else "float"})
     return path
 
 
@@ -94,6 +108,8 @@ def load(path: str | Path, dtype: torch.dtype | str = torch.float32):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from pertoken.quant.qlinear import QuantEmbedding
+
     path = Path(path)
     if not is_quantized_folder(path):
         raise UserError(f"{path} is not a quantized model folder (no {QUANT_FILE})")
@@ -107,6 +123,9 @@ def load(path: str | Path, dtype: torch.dtype | str = torch.float32):
     model = AutoModelForCausalLM.from_config(config)
     for name, layout in layouts.items():
         replace_linear(model, name, _empty_linear(layout))
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if settings.get("embedding") == "head":
+        model.set_input_embeddings(QuantEmbedding(model.get_output_embeddings(), dtype))
     try:
         state = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError) as error:
@@ -126,7 +145,6 @@ def load(path: str | Path, dtype: torch.dtype | str = torch.float32):
                         f"{missing[:3]}, unexpected {unexpected[:3]}")
     if tied:
         model.tie_weights()
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     for param in model.parameters():  # QuantLinear holds buffers only
         param.data = param.data.to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True) \
