@@ -44,9 +44,24 @@ def test_quantize_saves_a_folder_that_eval_ppl_loads(setup):
     assert done.returncode == 0, done.stderr
     config = json.loads((out / "quant_config.json").read_text())
     assert config["method"] == "outliertune" and config["calibration"]["tokens"] == 600
-    assert len(config["folded"]) == 4 and all(f["tokens"] > 0 for f in config["folded"].values())
+    assert all(f["tokens"] > 0 for f in config["folded"].values())
+    assert sum("scale" in f for f in config["folded"].values()) == 4  # one per norm
+    assert sum("migration" in f for f in config["folded"].values()) == 4  # o_proj, down_proj
     base, quant = _ppl(setup / "tiny", setup), _ppl(out, setup)
     assert abs(quant / base - 1) < 0.02, (base, quant)
+
+
+def test_gptq_weights_and_the_int8_head_from_the_command_line(setup):
+    out = setup / "w6a6"
+    done = _run("quant", "quantize", "--model", str(setup / "tiny"), "--calib",
+                f"{setup / 'text.txt'}:600", "--length", "64", "--w-bits", "6", "--a-bits", "6",
+                "--weights", "gptq", "--head", "--dynamic-alpha", "off", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    config = json.loads((out / "quant_config.json").read_text())
+    assert config["weights"] == "gptq" and config["dynamic_alpha"] is None
+    assert config["embedding"] == "head" and config["linears"]["lm_head"]["w_bits"] == 8
+    base, quant = _ppl(setup / "tiny", setup), _ppl(out, setup)
+    assert abs(quant / base - 1) < 0.05, (base, quant)
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -55,6 +70,8 @@ def test_quantize_saves_a_folder_that_eval_ppl_loads(setup):
     (["--calib", "wiki-en:0"], "at least 1"),
     (["--calib", "nocount"], "CORPUS:TOKENS"),
     (["--method", "magic"], "invalid choice"),
+    (["--dynamic-alpha", "lots"], "number in [0, 1] or 'off'"),
+    (["--dynamic-alpha", "1.5"], "alpha must be in [0, 1]"),
 ])
 def test_bad_input_exits_2_with_one_line(setup, bad, message):
     done = _run("quant", "quantize", "--model", str(setup / "tiny"), "-o",

@@ -112,7 +112,9 @@ def test_a_tiny_opt_with_layernorm_and_biases_quantizes_too():
     with torch.no_grad():
         want = model(input_ids=ids).logits
     folded = quantize_model(model, _batches(), QuantConfig(), progress=False)
-    assert len(folded) == 4 and all(f["shift"] is not None for f in folded.values())
+    static = [f for f in folded.values() if "scale" in f]
+    assert len(static) == 4 and all(f["shift"] is not None for f in static)
+    assert sum("migration" in f for f in folded.values()) == 4  # out_proj via v, fc2 via fc1
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 2 * 6
     fc1 = model.model.decoder.layers[0].fc1
     assert fc1.act == "static" and fc1.bias.numel() == 128
@@ -197,3 +199,59 @@ def test_a_bfloat16_embedding_is_what_the_reloaded_tied_model_uses(tmp_path):
     rounded = model.model.embed_tokens.weight.detach().bfloat16().float()
     assert torch.equal(again.model.embed_tokens.weight, rounded)
     assert again.lm_head.weight is again.model.embed_tokens.weight
+
+
+def _tiny_opt(**overrides):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2,
+                                    ffn_dim=128, num_attention_heads=4,
+                                    max_position_embeddings=64, word_embed_proj_dim=64,
+                                    **overrides)).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_migrating_the_dynamic_inputs_leaves_the_float_model_unchanged(family):
+    model = tiny_llama(hidden_size=64, intermediate_size=128)[0] if family == "llama" \
+        else _tiny_opt()
+    groups = linear_groups(model)
+    dynamic = [g for g in groups if g.kind == "dynamic"]
+    assert all(g.feeder is not None for g in dynamic)
+    ids = torch.randint(4, 200, (2, 24), generator=_gen(9))
+    stats = observe_inputs(model, [g.linears[0] for g in dynamic], _batches(), progress=False)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    from pertoken.quant.convert import migrate_dynamic_inputs
+
+    factors = migrate_dynamic_inputs(model, groups, {n: s.absmax for n, s in stats.items()}, 0.5)
+    assert len(factors) == len(dynamic)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+    if family == "llama":  # one factor per key-value channel, shared by its query heads
+        a = factors[dynamic[0].linears[0]].view(2, 2, -1)
+        assert torch.equal(a[:, 0], a[:, 1])
+    # the migrated inputs are flatter across channels
+    after = observe_inputs(model, [g.linears[0] for g in dynamic], _batches(), progress=False)
+    for name, st in stats.items():
+        spread = lambda m: (m.max() / m.clamp(min=1e-6).median()).item()  # noqa: E731
+        assert spread(after[name].absmax) < spread(st.absmax)
+
+
+def test_no_migration_through_a_non_homogeneous_activation():
+    model = _tiny_opt(activation_function="gelu")
+    fc2 = [g for g in linear_groups(model) if g.linears[0].endswith("fc2")]
+    assert fc2 and all(g.feeder is None for g in fc2)
+
+
+def test_outliertune_with_dynamic_migration_quantizes_close_to_float():
+    model, _ = tiny_llama(hidden_size=64, intermediate_size=128)
+    ids = torch.randint(4, 200, (2, 24), generator=_gen(9))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    folded = quantize_model(model, _batches(), QuantConfig(dynamic_alpha=0.5), progress=False)
+    assert sum("migration" in f for f in folded.values()) == 2 * 2
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert (got - want).abs().max() / want.abs().max() < 0.03

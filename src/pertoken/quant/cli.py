@@ -33,6 +33,16 @@ def _parse_calib(text: str) -> tuple[str, int]:
     return corpus, int(count)
 
 
+def _parse_alpha(text: str) -> float | None:
+    if text == "off":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--dynamic-alpha takes a number in [0, 1] or 'off', got {text!r}") \
+            from None
+
+
 def check_family(name: str) -> None:
     """Fail early, before loading weights, on a model folder whose family is not supported
     (its architecture built on the meta device from ``config.json``)."""
@@ -62,7 +72,8 @@ def _quantize(args) -> int:
 
     cfg = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits,
                       shift=not args.no_shift, shift_mode=args.shift_mode, weights=args.weights,
-                      smooth_alpha=args.alpha, head=args.head)
+                      smooth_alpha=args.alpha, head=args.head,
+                      dynamic_alpha=_parse_alpha(args.dynamic_alpha))
     cfg.validate()
     corpus_name, tokens = _parse_calib(args.calib)
     check_family(args.model)
@@ -76,9 +87,8 @@ def _quantize(args) -> int:
                 "calibration": {"corpus": corpus_name, "split": "train", "tokens": tokens,
                                 "length": args.length},
                 "source_model": args.model,
-                "folded": {name: {"linears": f["linears"], "tokens": f["tokens"],
-                                  "scale": f["scale"].tolist(),
-                                  "shift": None if f["shift"] is None else f["shift"].tolist()}
+                "folded": {name: {key: value.tolist() if isinstance(value, torch.Tensor)
+                                  else value for key, value in f.items()}
                            for name, f in folded.items()}}
     save_quantized(model, tokenizer, args.output, settings,
                    embedding_dtype=None if args.embedding_dtype == "float32"
@@ -105,6 +115,9 @@ def add_commands(commands, parser_class, positive_int) -> None:
                    help="OutlierTune without the symmetrizing shift (the ablation)")
     p.add_argument("--shift-mode", default="mean", choices=["mean", "global"])
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength")
+    p.add_argument("--dynamic-alpha", default="0.5",
+                   help="OutlierTune: migrate the o_proj/down_proj inputs' outlier channels at "
+                   "this alpha, folded into v_proj/up_proj; 'off' keeps plain per-token inputs")
     p.add_argument("--weights", default="rtn_asym", choices=list(WEIGHT_QUANTIZERS),
                    help="weight rounding")
     p.add_argument("--head", action="store_true",

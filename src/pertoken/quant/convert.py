@@ -44,6 +44,12 @@ class QuantConfig:
     decoder layers, on the calibration batches)"""
     smooth_alpha: float = 0.5
     """SmoothQuant's migration strength alpha"""
+    dynamic_alpha: float | None = 0.5
+    """OutlierTune only: also migrate the per-token inputs' channel outliers (``o_proj``,
+    ``down_proj``) with SmoothQuant's factors at this alpha, folded exactly into the rows of the
+    linear that produces them (``v_proj``, ``up_proj``). A pertoken addition (on SmolLM2 the
+    ``down_proj`` input carries most of the W8A8 error); None keeps the spec's plain per-token
+    inputs"""
     head: bool = False
     """also run the output head on integer kernels (W8A8, per-token codes, symmetric per-row
     weights); a tied input embedding then reads its rows from the head's codes"""
@@ -60,16 +66,21 @@ class QuantConfig:
                             f"{', '.join(WEIGHT_QUANTIZERS)}")
         if self.a_bits == 4 and self.method != "weight-only":
             raise UserError("4-bit activations are not supported: use --a-bits 6 or 8")
-        if not 0 <= self.smooth_alpha <= 1:
-            raise UserError(f"the SmoothQuant alpha must be in [0, 1], got {self.smooth_alpha}")
+        for alpha in (self.smooth_alpha, self.dynamic_alpha):
+            if alpha is not None and not 0 <= alpha <= 1:
+                raise UserError(f"a migration alpha must be in [0, 1], got {alpha}")
 
 
 @dataclass
 class LinearGroup:
     """Linears that read the same input: ``static`` groups follow a norm (one shared scale and
-    shift), ``dynamic`` ones read an attention or MLP product."""
+    shift), ``dynamic`` ones read an attention or MLP product. ``feeder`` is the linear whose
+    output rows scale that input channel by channel (``v_proj`` for the attention output,
+    through grouped-query heads; ``up_proj`` through SwiGLU's product; OPT's ``fc1`` through
+    ReLU), or None where no such fold is exact."""
     linears: list[str]
     kind: str
+    feeder: str | None = None
 
 
 def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
@@ -94,15 +105,17 @@ def linear_groups(model: nn.Module) -> list[LinearGroup]:
         if hasattr(layer, "mlp") and hasattr(layer.mlp, "gate_proj") and hasattr(attn, "o_proj"):
             groups += [LinearGroup([f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")],
                                    "static"),
-                       LinearGroup([f"{p}.self_attn.o_proj"], "dynamic"),
+                       LinearGroup([f"{p}.self_attn.o_proj"], "dynamic", f"{p}.self_attn.v_proj"),
                        LinearGroup([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], "static"),
-                       LinearGroup([f"{p}.mlp.down_proj"], "dynamic")]
+                       LinearGroup([f"{p}.mlp.down_proj"], "dynamic", f"{p}.mlp.up_proj")]
         elif hasattr(layer, "fc1") and hasattr(attn, "out_proj"):
+            relu = getattr(model.config, "activation_function", "relu") == "relu"
             groups += [LinearGroup([f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")],
                                    "static"),
-                       LinearGroup([f"{p}.self_attn.out_proj"], "dynamic"),
+                       LinearGroup([f"{p}.self_attn.out_proj"], "dynamic",
+                                   f"{p}.self_attn.v_proj"),
                        LinearGroup([f"{p}.fc1"], "static"),
-                       LinearGroup([f"{p}.fc2"], "dynamic")]
+                       LinearGroup([f"{p}.fc2"], "dynamic", f"{p}.fc1" if relu else None)]
         else:
             raise UserError(f"decoder layer {i} of {type(model).__name__} has neither Llama "
                             "(q/k/v/o_proj, gate/up/down_proj) nor OPT (fc1/fc2) linears")
@@ -256,6 +269,39 @@ def _smoothing(absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) 
     return a.clamp(min=1e-5)
 
 
+def migrate_dynamic_inputs(model: nn.Module, groups: list[LinearGroup],
+                           absmax: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """Divide each dynamic group's input channels by SmoothQuant's factors ``a`` and multiply
+    its weight's columns by them, exactly: the division is folded into the rows (and bias) of
+    the feeder linear. Through grouped-query attention one factor serves a key-value channel
+    and every query head that reads it (the maximum over those heads). Returns the factors
+    per group (by its first linear). The float model's outputs do not change."""
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    factors = {}
+    with torch.no_grad():
+        for group in groups:
+            if group.kind != "dynamic" or group.feeder is None:
+                continue
+            name = group.linears[0]
+            linear, feeder = model.get_submodule(name), model.get_submodule(group.feeder)
+            a = _smoothing(absmax[name], [linear.weight], alpha)
+            if feeder.out_features != linear.in_features:  # grouped-query attention
+                head_dim = feeder.out_features // kv_heads
+                a = a.view(kv_heads, heads // kv_heads, head_dim).amax(dim=1)
+                per_feeder = a.reshape(-1)
+                a = a[:, None, :].expand(kv_heads, heads // kv_heads, head_dim).reshape(-1)
+            else:
+                per_feeder = a
+            linear.weight.mul_(a.to(linear.weight.dtype)[None, :])
+            feeder.weight.div_(per_feeder.to(feeder.weight.dtype)[:, None])
+            if feeder.bias is not None:
+                feeder.bias.div_(per_feeder.to(feeder.bias.dtype))
+            factors[name] = a
+    return factors
+
+
 def quantize_model(model: nn.Module, batches: Iterable[torch.Tensor], cfg: QuantConfig,
                    progress: bool = True) -> dict:
     """Calibrate on ``batches`` (unpadded token-id tensors) and replace every decoder linear of
@@ -271,8 +317,15 @@ def quantize_model(model: nn.Module, batches: Iterable[torch.Tensor], cfg: Quant
         calibrated = groups
     else:
         calibrated = []
-    stats = observe_inputs(model, [g.linears[0] for g in calibrated], batches, progress) \
-        if calibrated else {}
+    migrated = [g for g in groups if g.kind == "dynamic" and g.feeder is not None] \
+        if cfg.method == "outliertune" and cfg.dynamic_alpha is not None else []
+    observed = [g.linears[0] for g in calibrated + migrated]
+    stats = observe_inputs(model, observed, batches, progress) if observed else {}
+    # the norm-fed inputs are the same before and after the migration, which preserves every
+    # layer's output, so one calibration pass serves both
+    migration = migrate_dynamic_inputs(
+        model, migrated, {g.linears[0]: stats[g.linears[0]].absmax for g in migrated},
+        cfg.dynamic_alpha) if migrated else {}
     folded, plans = {}, {}
     for group in groups:
         scale = shift = None
@@ -288,6 +341,10 @@ def quantize_model(model: nn.Module, batches: Iterable[torch.Tensor], cfg: Quant
                                                for n in group.linears], cfg.smooth_alpha)
             folded[group.linears[0]] = {"linears": group.linears, "scale": scale,
                                         "shift": shift, "tokens": st.tokens}
+        elif group.linears[0] in migration:
+            folded[group.linears[0]] = {"linears": group.linears, "feeder": group.feeder,
+                                        "migration": migration[group.linears[0]],
+                                        "tokens": stats[group.linears[0]].tokens}
         for name in group.linears:
             linear = model.get_submodule(name)
             if scale is not None:

@@ -1,0 +1,386 @@
+"""Benchmark OutlierTune (pertoken.quant) on the default model against its baselines.
+
+In one run, on SmolLM2-135M-Instruct:
+
+- perplexity on held-out ``wiki-en`` and ``docs-en`` for fp32, bf16, torchao's
+  ``Int8DynamicActivationInt8WeightConfig`` (the established per-token int8 baseline, decoder
+  linears only, as ours) and every pertoken method at W8A8, W6A6 and W4A8 (weight-only at
+  W8/W6/W4), each quantized model saved and evaluated after :func:`pertoken.quant.load`;
+- 512-token prefill tokens per second (with the next-token logits only, as ``generate`` does,
+  and with all 512 logits, as perplexity scoring does), decode ms per token, and weight bytes,
+  for fp32, bf16, the int8 methods and torchao, at one fixed thread count;
+- per-linear milliseconds on the model's shapes at M = 1, 128, 512 tokens.
+
+Weights are rounded to nearest (``rtn_asym``) at 8 bits and by GPTQ below (plus an
+OutlierTune W6A6 row with round-to-nearest, to show what the rounding is worth). Calibration:
+``wiki-en`` train split. Quantized folders and perplexities are kept in the work folder, so an
+interrupted run resumes (``--fresh`` starts over).
+
+Writes docs/results/quant.json and docs/results/quant.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pertoken.bench import environment, markdown_table, pin_threads, write_results
+from pertoken.data import open_corpus
+from pertoken.evaluate import PerplexityConfig, perplexity
+from pertoken.models import DEFAULT_MODEL, cache_dir, load_model
+
+log = logging.getLogger("bench.quant")
+
+
+@dataclass(frozen=True)
+class Run:
+    method: str
+    w_bits: int = 8
+    a_bits: int = 8
+    weights: str = "rtn_asym"
+    shift: bool = True
+    head: bool = False
+
+    @property
+    def name(self) -> str:
+        bits = f"w{self.w_bits}" if self.method == "weight-only" else \
+            f"w{self.w_bits}a{self.a_bits}"
+        extra = ("" if self.shift else "-noshift") + ("-head" if self.head else "")
+        return f"{self.method}{extra}-{bits}-{self.weights}"
+
+
+def _runs() -> list[Run]:
+    runs = []
+    for w, a in ((8, 8), (6, 6), (4, 8)):
+        weights = "rtn_asym" if w == 8 else "gptq"
+        runs += [Run("outliertune", w, a, weights), Run("smoothquant", w, a, weights),
+                 Run("per-token", w, a, weights), Run("weight-only", w, 16, weights)]
+        if w != 4:
+            runs += [Run("outliertune", w, a, weights, shift=False),
+                     Run("per-tensor", w, a, weights)]
+    runs += [Run("outliertune", 6, 6, "rtn_asym"), Run("outliertune", 8, 8, head=True)]
+    return runs
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, shared tensors once, tensor subclasses
+    (torchao's) by their inner tensors."""
+    def flat(t) -> int:
+        if hasattr(t, "__tensor_flatten__"):
+            return sum(flat(getattr(t, a)) for a in t.__tensor_flatten__()[0])
+        return t.numel() * t.element_size()
+
+    seen, total = set(), 0
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += flat(t)
+    return total
+
+
+def torchao_model(dtype: str):
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    model, tok = load_model(DEFAULT_MODEL, dtype=dtype)
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(),
+              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+    return model, tok
+
+
+def quantized_folder(run: Run, work: Path, batches_fn) -> Path:
+    from dataclasses import asdict
+
+    from pertoken.quant.convert import QuantConfig, quantize_model
+    from pertoken.quant.io import is_quantized_folder, save_quantized
+
+    folder = work / run.name
+    if is_quantized_folder(folder):
+        return folder
+    cfg = QuantConfig(method=run.method, w_bits=run.w_bits, a_bits=min(run.a_bits, 8),
+                      weights=run.weights, shift=run.shift, head=run.head)
+    model, tok = load_model(DEFAULT_MODEL, dtype="float32")
+    t0 = time.perf_counter()
+    quantize_model(model, batches_fn(), cfg, progress=False)
+    seconds = time.perf_counter() - t0
+    save_quantized(model, tok, folder, {**asdict(cfg), "source_model": DEFAULT_MODEL,
+                                        "convert_seconds": seconds},
+                   embedding_dtype="bfloat16")
+    log.info("quantized %s in %.0f s", run.name, seconds)
+    return folder
+
+
+def cached_perplexity(key: Path, model_fn, corpus: str, max_tokens: int) -> dict:
+    if key.is_file():
+        return json.loads(key.read_text())
+    model, tok = model_fn()
+    result = perplexity(model, tok, open_corpus(corpus).documents("heldout"),
+                        PerplexityConfig(max_tokens=max_tokens), progress=False)
+    out = {"perplexity": result.perplexity, "tokens": result.tokens,
+           "seconds": result.seconds}
+    key.parent.mkdir(parents=True, exist_ok=True)
+    from pertoken.atomic import write_json_atomic
+    write_json_atomic(key, out)
+    return out
+
+
+def _median_ms(fn, repeats: int, warmup: int = 1) -> float:
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def speed(model, prompt: torch.Tensor, repeats: int, decode_steps: int) -> dict:
+    """Prefill ms for ``prompt`` (1, T) with next-token logits and with all logits, and the
+    median ms of a one-token decode step after a 128-token prompt."""
+    last = _median_ms(lambda: model(input_ids=prompt, logits_to_keep=1), repeats)
+    full = _median_ms(lambda: model(input_ids=prompt), repeats)
+    steps = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            out = model(input_ids=prompt[:, :128], use_cache=True, logits_to_keep=1)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for _ in range(decode_steps):
+                t0 = time.perf_counter()
+                out = model(input_ids=token, past_key_values=past, use_cache=True)
+                steps.append(time.perf_counter() - t0)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    tokens = prompt.shape[1]
+    return {"prefill_ms": last, "prefill_tok_s": tokens / last * 1000,
+            "prefill_all_logits_ms": full, "prefill_all_logits_tok_s": tokens / full * 1000,
+            "decode_ms_per_token": 1000 * statistics.median(steps)}
+
+
+def kernel_rows(repeats: int) -> list[dict]:
+    """Per-linear ms on SmolLM2's shapes (spec §2's table)."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    from pertoken.quant.qlinear import QuantLinear
+    from pertoken.quant.quantizers import quantize_weight
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for k, n in ((576, 576), (576, 1536), (1536, 576), (576, 49152)):
+        linear = torch.nn.Linear(k, n, bias=False)
+        half = torch.nn.Linear(k, n, bias=False).to(torch.bfloat16)
+        half.weight.data = linear.weight.data.bfloat16()
+        static = QuantLinear(quantize_weight(linear.weight, 8, "rtn_asym"), None, "static", 8,
+                             inv_scale=torch.full((k,), 40.0))
+        dynamic = QuantLinear(quantize_weight(linear.weight, 8, "rtn_sym"), None, "per-token", 8)
+        ao = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False).to(torch.bfloat16))
+        ao[0].weight.data = linear.weight.data.bfloat16()
+        quantize_(ao, Int8DynamicActivationInt8WeightConfig())
+        for m in (1, 128, 512):
+            x = torch.randn(m, k, generator=g)
+            xb = x.bfloat16()
+            rows.append({"k": k, "n": n, "m": m,
+                         "fp32_ms": _median_ms(lambda: linear(x), repeats),
+                         "bf16_ms": _median_ms(lambda: half(xb), repeats),
+                         "outliertune_static_ms": _median_ms(lambda: static(xb), repeats),
+                         "per_token_ms": _median_ms(lambda: dynamic(xb), repeats),
+                         "torchao_da8w8_ms": _median_ms(lambda: ao(xb), repeats)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calib-tokens", type=int, default=16384,
+                        help="wiki-en train tokens for calibration and GPTQ (512 per sequence)")
+    parser.add_argument("--max-tokens", type=int, default=4096,
+                        help="scored held-out tokens per corpus")
+    parser.add_argument("--corpora", default="wiki-en,docs-en")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for timing")
+    parser.add_argument("--eval-threads", type=int, default=2,
+                        help="torch threads for calibration and perplexity (not timed)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--skip", default="", help="comma list: ppl, speed, kernels")
+    parser.add_argument("--work-dir", default=str(cache_dir() / "bench" / "quant"))
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--results-dir", default="docs/results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    skip = set(filter(None, args.skip.split(",")))
+    work = Path(args.work_dir)
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    corpora = [c for c in args.corpora.split(",") if c]
+
+    from pertoken.quant.cli import calibration_batches
+    from pertoken.quant.io import load
+
+    def batches_fn():
+        _, tok = load_model(DEFAULT_MODEL, dtype="float32")
+        return calibration_batches(tok, open_corpus("wiki-en").documents("train"),
+                                   args.calib_tokens, 512)
+
+    runs = _runs()
+    rows = []
+    if "ppl" not in skip:
+        pin_threads(args.eval_threads)
+        subjects = [("fp32", None, lambda: load_model(DEFAULT_MODEL, dtype="float32")),
+                    ("bf16", None, lambda: load_model(DEFAULT_MODEL, dtype="bfloat16")),
+                    ("torchao-da8w8", None, lambda: torchao_model("float32"))]
+        for run in runs:
+            folder = quantized_folder(run, work, batches_fn)
+            subjects.append((run.name, run, lambda folder=folder: load(folder)))
+        for name, run, model_fn in subjects:
+            row = {"name": name}
+            if run is not None:
+                row.update(method=run.method, w_bits=run.w_bits,
+                           a_bits=run.a_bits if run.method != "weight-only" else 16,
+                           weights=run.weights, shift=run.shift if run.method == "outliertune"
+                           else "", head=run.head,
+                           file_mb=(work / run.name / "model.safetensors").stat().st_size / 1e6)
+            else:
+                row.update(method=name, w_bits={"fp32": 32, "bf16": 16}.get(name, 8),
+                           a_bits={"fp32": 32, "bf16": 16}.get(name, 8))
+            for corpus in corpora:
+                got = cached_perplexity(work / "ppl" / f"{name}-{corpus}-{args.max_tokens}.json",
+                                        model_fn, corpus, args.max_tokens)
+                row[f"ppl_{corpus}"] = got["perplexity"]
+                row[f"tokens_{corpus}"] = got["tokens"]
+            log.info("%s: %s", name, {k: v for k, v in row.items() if k.startswith("ppl")})
+            rows.append(row)
+        fp = rows[0]
+        for row in rows:
+            for corpus in corpora:
+                row[f"vs_fp32_{corpus}"] = row[f"ppl_{corpus}"] / fp[f"ppl_{corpus}"]
+
+    speed_rows = []
+    if "speed" not in skip:
+        pin_threads(args.threads)
+        _, tok = load_model(DEFAULT_MODEL, dtype="float32")
+        stream = []
+        for doc in open_corpus("wiki-en").documents("heldout"):
+            stream += tok(doc)["input_ids"] + [tok.eos_token_id]
+            if len(stream) >= 512:
+                break
+        prompt = torch.tensor([stream[:512]])
+        w8 = {r.name: r for r in runs if r.w_bits == 8 and r.method != "per-tensor"
+              and r.shift and r.method != "weight-only"}
+        subjects = [("fp32", lambda: load_model(DEFAULT_MODEL, dtype="float32")[0]),
+                    ("bf16", lambda: load_model(DEFAULT_MODEL, dtype="bfloat16")[0]),
+                    ("torchao-da8w8 (bf16 rest)", lambda: torchao_model("bfloat16")[0])]
+        for name in w8:
+            folder = quantized_folder(w8[name], work, batches_fn)
+            subjects.append((f"{name} (bf16 rest)",
+                             lambda folder=folder: load(folder, dtype="bfloat16")[0]))
+            if w8[name].method == "outliertune" and not w8[name].head:
+                subjects.append((f"{name} (fp32 rest)",
+                                 lambda folder=folder: load(folder, dtype="float32")[0]))
+        for name, model_fn in subjects:
+            model = model_fn()
+            row = {"name": name, "threads": torch.get_num_threads(),
+                   "weight_mb": tensor_bytes(model) / 1e6,
+                   **speed(model, prompt, args.repeats, args.decode_steps)}
+            log.info("%s: %s", name, row)
+            speed_rows.append(row)
+            del model
+        base = {r["name"]: r for r in speed_rows}
+        for row in speed_rows:
+            row["prefill_vs_fp32"] = row["prefill_tok_s"] / base["fp32"]["prefill_tok_s"]
+            row["prefill_vs_bf16"] = row["prefill_tok_s"] / base["bf16"]["prefill_tok_s"]
+            row["all_logits_vs_fp32"] = (row["prefill_all_logits_tok_s"]
+                                         / base["fp32"]["prefill_all_logits_tok_s"])
+            row["all_logits_vs_bf16"] = (row["prefill_all_logits_tok_s"]
+                                         / base["bf16"]["prefill_all_logits_tok_s"])
+            row["weight_vs_fp32"] = row["weight_mb"] / base["fp32"]["weight_mb"]
+
+    kernels = [] if "kernels" in skip else kernel_rows(max(args.repeats, 25))
+
+    result = {"method": "quant", "title": f"OutlierTune and baselines on {DEFAULT_MODEL}",
+              "description": (
+                  f"Perplexity on {args.max_tokens} held-out tokens per corpus (window 512, "
+                  f"stride 256) after save and load; calibration on {args.calib_tokens} "
+                  f"wiki-en train tokens (512 per sequence); weights rtn_asym at 8 bits, GPTQ "
+                  f"below; the embedding stored in bf16. Speed at {args.threads} thread(s), "
+                  f"medians of {args.repeats} runs, one 512-token wiki-en prompt."),
+              "environment": environment(), "perplexity": rows, "speed": speed_rows,
+              "kernels": kernels}
+    if rows:
+        result["summary"] = summary(rows, speed_rows, corpora)
+        result["plots"] = [plot(rows, corpus) for corpus in corpora]
+    columns = ["name", "w_bits", "a_bits", "weights"] + \
+        [c for corpus in corpora for c in (f"ppl_{corpus}", f"vs_fp32_{corpus}")]
+    md = [f"# {result['title']}\n", result["description"] + "\n"]
+    if rows:
+        md += ["## Perplexity\n", markdown_table(rows, columns),
+               "## Summary\n", markdown_table([{"item": k, "value": v}
+                                               for k, v in result["summary"].items()],
+                                              ["item", "value"])]
+    if speed_rows:
+        md += ["## Speed and size\n", markdown_table(speed_rows, [
+            "name", "threads", "prefill_tok_s", "prefill_vs_fp32", "prefill_vs_bf16",
+            "prefill_all_logits_tok_s", "all_logits_vs_fp32", "all_logits_vs_bf16",
+            "decode_ms_per_token", "weight_mb", "weight_vs_fp32"])]
+    if kernels:
+        md += ["## Per-linear ms\n", markdown_table(kernels, list(kernels[0]))]
+    write_results(Path(args.results_dir), "quant", result, "\n".join(md))
+    print("\n".join(md))
+
+
+def summary(rows: list[dict], speed_rows: list[dict], corpora: list[str]) -> dict:
+    by = {r["name"]: r for r in rows}
+    out = {}
+    for corpus in corpora:
+        key = f"vs_fp32_{corpus}"
+        for label, name in (("ot_w8a8", "outliertune-w8a8-rtn_asym"),
+                            ("ot_w6a6", "outliertune-w6a6-gptq"),
+                            ("ot_w6a6_rtn", "outliertune-w6a6-rtn_asym"),
+                            ("per_token_w6a6", "per-token-w6a6-gptq"),
+                            ("smoothquant_w8a8", "smoothquant-w8a8-rtn_asym"),
+                            ("smoothquant_w6a6", "smoothquant-w6a6-gptq"),
+                            ("ot_noshift_w8a8", "outliertune-noshift-w8a8-rtn_asym"),
+                            ("ot_noshift_w6a6", "outliertune-noshift-w6a6-gptq"),
+                            ("torchao_w8a8", "torchao-da8w8")):
+            if name in by:
+                out[f"{label}_ppl_vs_fp32_{corpus}"] = by[name][key]
+    for row in speed_rows:
+        if row["name"].startswith("outliertune") and "bf16 rest" in row["name"]:
+            tag = "ot_head" if "-head-" in row["name"] else "ot"
+            out[f"{tag}_prefill_vs_fp32"] = row["prefill_vs_fp32"]
+            out[f"{tag}_prefill_vs_bf16"] = row["prefill_vs_bf16"]
+            out[f"{tag}_all_logits_vs_fp32"] = row["all_logits_vs_fp32"]
+            out[f"{tag}_all_logits_vs_bf16"] = row["all_logits_vs_bf16"]
+            out[f"{tag}_weight_vs_fp32"] = row["weight_vs_fp32"]
+    return out
+
+
+def plot(rows: list[dict], corpus: str) -> dict:
+    """Perplexity against weight bits, one line per method (activations as in the run)."""
+    series = {}
+    for row in rows:
+        if row.get("weights") in ("gptq", "rtn_asym") and not row.get("head") \
+                and row.get("shift", "") is not False and row["w_bits"] <= 8:
+            if row["w_bits"] < 8 and row["weights"] != "gptq":
+                continue
+            s = series.setdefault(row["method"], {"x": [], "y": []})
+            s["x"].append(row["w_bits"])
+            s["y"].append(row[f"ppl_{corpus}"])
+    fp = next(r for r in rows if r["name"] == "fp32")[f"ppl_{corpus}"]
+    series["fp32"] = {"x": [4, 8], "y": [fp, fp]}
+    return {"title": f"Perplexity against weight bits ({corpus} held-out)", "kind": "line",
+            "series": series, "xlabel": "weight bits (A8 at 8 and 4, A6 at 6)",
+            "ylabel": "perplexity", "logy": True}
+
+
+if __name__ == "__main__":
+    main()
