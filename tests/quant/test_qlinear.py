@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pertoken.quant.qlinear import QuantLinear, int_matmul
+from pertoken.quant.qlinear import QuantLinear, epilogue, int_matmul
 from pertoken.quant.quantizers import per_token_codes, quantize_weight, static_codes
 
 
@@ -13,7 +13,7 @@ def _gen(seed):
 
 def _reference(layer: QuantLinear, w, x):
     """Fake quantization: the same codes, a float64 matmul of dequantized-to-integer values
-    (exact), and the same epilogue order."""
+    (exact), and the same epilogue (tested on its own below)."""
     if layer.act == "static":
         codes = static_codes(x, layer.inv_scale, layer.a_bits,
                              layer.shift if layer.shift.numel() else None)
@@ -24,11 +24,27 @@ def _reference(layer: QuantLinear, w, x):
     if w.zero is not None:
         q = q - w.zero.double()[:, None]
     acc = codes.double() @ q.t()
-    y = acc.float()
-    if token_scale is not None:
-        y = y * token_scale[:, None]
-    y = y * layer.weight_scale
-    return (y + layer.bias if layer.bias.numel() else y), acc
+    y = epilogue(acc.to(torch.int32), token_scale, layer.weight_scale,
+                 layer.bias if layer.bias.numel() else None)
+    return y, acc
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_epilogue_is_the_float64_formula_to_float32_rounding(per_token, bias):
+    g = _gen(11)
+    acc = torch.randint(-2**22, 2**22, (9, 13), generator=g, dtype=torch.int32)
+    ts = torch.rand(9, generator=g) + 0.01 if per_token else None
+    ws = torch.rand(13, generator=g) / 100
+    b = torch.randn(13, generator=g) if bias else None
+    want = acc.double() * ws.double()
+    if per_token:
+        want = want * ts.double()[:, None]
+    if bias:
+        want = want + b.double()
+    got = epilogue(acc, ts, ws, b)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 7, 16, 17, 64])

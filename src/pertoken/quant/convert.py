@@ -157,6 +157,8 @@ class _Plan:
     act: str
     inv_scale: torch.Tensor | None
     shift: torch.Tensor | None
+    group: str
+    """the group's first linear: linears of a group read one input and share one Hessian"""
 
     def build(self, weight: QuantizedWeight, cfg: QuantConfig) -> QuantLinear:
         return QuantLinear(weight, self.bias, self.act, cfg.a_bits, inv_scale=self.inv_scale,
@@ -232,9 +234,10 @@ def _gptq_sequential(model: nn.Module, batches, plans: dict[str, _Plan], cfg: Qu
     inputs = _layer_inputs(model, layers, batches)
     for i, layer in enumerate(tqdm(layers, desc="gptq", unit="layer", disable=not progress)):
         names = [n for n in plans if n.startswith(f"{prefix}.{i}.")]
-        hessians = {n: HessianAccumulator(plans[n].weight.shape[1]) for n in names}
+        firsts = sorted({plans[n].group for n in names})
+        hessians = {n: HessianAccumulator(plans[n].weight.shape[1]) for n in firsts}
         handles = []
-        for name in names:
+        for name in firsts:
             def hook(_module, args, name=name):
                 hessians[name].add(plans[name].gptq_input(args[0]))
 
@@ -247,7 +250,8 @@ def _gptq_sequential(model: nn.Module, batches, plans: dict[str, _Plan], cfg: Qu
             for handle in handles:
                 handle.remove()
         for name in names:
-            q = gptq_quantize(plans[name].weight, hessians[name].hessian, cfg.w_bits)
+            q = gptq_quantize(plans[name].weight, hessians[plans[name].group].hessian,
+                              cfg.w_bits)
             replace_linear(model, name, plans[name].build(_centred(q), cfg))
         with torch.inference_mode():
             outputs = []
@@ -358,7 +362,8 @@ def quantize_model(model: nn.Module, batches: Iterable[torch.Tensor], cfg: Quant
                 act = "static"
             else:
                 act = "per-token"
-            plans[name] = _Plan(w, b, act, None if scale is None else 1 / scale, shift)
+            plans[name] = _Plan(w, b, act, None if scale is None else 1 / scale, shift,
+                                group.linears[0])
     if cfg.weights == "gptq":
         _gptq_sequential(model, batches, plans, cfg, progress)
     else:

@@ -22,15 +22,16 @@ from pertoken.quant.quantizers import QuantizedWeight, code_range, quantize_weig
 
 
 class HessianAccumulator:
-    """Running ``sum_t x_t x_t^T`` over the rows of the inputs given to :meth:`add`."""
+    """Running ``sum_t x_t x_t^T`` over the rows of the inputs given to :meth:`add`, each
+    batch's product in float32 (as GPTQ does) and the running sum in float64."""
 
     def __init__(self, columns: int) -> None:
         self.sum = torch.zeros(columns, columns, dtype=torch.float64)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, self.sum.shape[0]).double()
-        self.sum.addmm_(x.t(), x)
+        x = x.detach().reshape(-1, self.sum.shape[0]).float()
+        self.sum += (x.t() @ x).double()
         self.rows += x.shape[0]
 
     @property

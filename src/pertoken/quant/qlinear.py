@@ -99,10 +99,11 @@ class QuantLinear(nn.Module):
         return q * self.weight_scale[:, None]
 
     def accumulate(self, codes: torch.Tensor) -> torch.Tensor:
-        """The int32 accumulator ``codes @ (W_codes - zero)^T``."""
+        """The int32 accumulator ``codes @ (W_codes - zero)^T`` (the zero-point term as one
+        in-place rank-one update)."""
         acc = int_matmul(codes, self.weight_t)
         if self.weight_zero.numel():
-            acc -= codes.sum(dim=1, dtype=torch.int32)[:, None] * self.weight_zero[None, :]
+            acc.addr_(codes.sum(dim=1, dtype=torch.int32), self.weight_zero, alpha=-1)
         return acc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,39 +114,18 @@ class QuantLinear(nn.Module):
                                      self.bias if self.bias.numel() else None)
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         codes, token_scale = self.codes(flat)
-        y = self.accumulate(codes).float()  # the epilogue works in place on this buffer
-        if token_scale is not None:
-            y.mul_(token_scale[:, None])
-        y.mul_(self.weight_scale)
-        if self.bias.numel():
-            y.add_(self.bias)
+        y = epilogue(self.accumulate(codes), token_scale, self.weight_scale,
+                     self.bias if self.bias.numel() else None)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
-class QuantEmbedding(nn.Module):
-    """The input embedding of a model whose tied head is a symmetric :class:`QuantLinear`:
-    row ``i`` is ``codes[i] * step[i]``, read from the head's own buffers (nothing stored
-    twice). ``dtype`` is the float type of the rows it returns (the model's)."""
-
-    def __init__(self, head: QuantLinear, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        if head.weight_zero.numel():
-            raise ValueError("an embedding shares only a symmetric head's codes")
-        self.head = [head]  # a plain list: not a submodule, so not saved twice
-        self.dtype = dtype
-        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 codes of the head"
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized table (num_embeddings, embedding_dim), for inspection."""
-        return self.head[0].dequantized_weight().to(self.dtype)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        head = self.head[0]
-        flat = ids.reshape(-1)
-        rows = head.weight_t.index_select(1, flat).t().float()
-        rows.mul_(head.weight_scale.index_select(0, flat)[:, None])
-        return rows.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
+def epilogue(acc: torch.Tensor, token_scale: torch.Tensor | None, weight_scale: torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    """``acc * token_scale[:, None] * weight_scale + bias`` in float32, in as few passes over
+    the (tokens, out) result as eager torch allows (float32 kernels are vectorized where mixed
+    int32-float ones are not, so the accumulator is converted first)."""
+    y = acc.float()
+    if token_scale is None:
+        return torch.addcmul(bias, y, weight_scale) if bias is not None else y.mul_(weight_scale)
+    y.mul_(token_scale[:, None]).mul_(weight_scale)
+    return y.add_(bias) if bias is not None else y

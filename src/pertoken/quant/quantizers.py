@@ -34,8 +34,10 @@ def qmax(bits: int) -> int:
 
 
 def _codes(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round and clamp a fresh float tensor ``u`` in place and cast it to int8. Clamping to
+    integer bounds before rounding gives the same codes as after (and halves the work)."""
     lo, hi = code_range(bits)
-    return torch.round(u).clamp_(lo, hi).to(torch.int8)
+    return u.clamp_(lo, hi).round_().to(torch.int8)
 
 
 def per_token_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,9 +49,10 @@ def per_token_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
 
 def static_codes(x: torch.Tensor, inv_scale: torch.Tensor, bits: int,
                  shift: torch.Tensor | None = None) -> torch.Tensor:
-    """Static per-channel quantization: ``round((x - shift) * inv_scale)``, clamped. The
-    per-channel dequantization is folded into the next weight, so nothing else is needed."""
-    u = (x - shift) * inv_scale if shift is not None else x * inv_scale
+    """Static per-channel quantization: ``round((x - shift) * inv_scale)``, clamped, computed
+    as one fused ``x * inv_scale - shift * inv_scale``. The per-channel dequantization is folded
+    into the next weight, so nothing else is needed."""
+    u = torch.addcmul(shift * -inv_scale, x, inv_scale) if shift is not None else x * inv_scale
     return _codes(u, bits)
 
 
