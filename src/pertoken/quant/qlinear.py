@@ -129,3 +129,32 @@ def epilogue(acc: torch.Tensor, token_scale: torch.Tensor | None, weight_scale: 
         return torch.addcmul(bias, y, weight_scale) if bias is not None else y.mul_(weight_scale)
     y.mul_(token_scale[:, None]).mul_(weight_scale)
     return y.add_(bias) if bias is not None else y
+
+
+class QuantEmbedding(nn.Module):
+    """The input embedding of a model whose tied head is a symmetric :class:`QuantLinear`:
+    row ``i`` is ``codes[i] * step[i]``, read from the head's own buffers (nothing stored
+    twice). ``dtype`` is the float type of the rows it returns (the model's)."""
+
+    def __init__(self, head: QuantLinear, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if head.weight_zero.numel():
+            raise ValueError("an embedding shares only a symmetric head's codes")
+        self.head = [head]  # a plain list: not a submodule, so not saved twice
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 codes of the head"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized table (num_embeddings, embedding_dim), for inspection."""
+        return self.head[0].dequantized_weight().to(self.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        head = self.head[0]
+        flat = ids.reshape(-1)
+        rows = head.weight_t.index_select(1, flat).t().float()
+        rows.mul_(head.weight_scale.index_select(0, flat)[:, None])
+        return rows.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
