@@ -48,26 +48,31 @@ class Run:
     a_bits: int = 8
     weights: str = "rtn_asym"
     shift: bool = True
+    dynamic_alpha: float | None = 0.5
     head: bool = False
 
     @property
     def name(self) -> str:
         bits = f"w{self.w_bits}" if self.method == "weight-only" else \
             f"w{self.w_bits}a{self.a_bits}"
-        extra = ("" if self.shift else "-noshift") + ("-head" if self.head else "")
-        return f"{self.method}{extra}-{bits}-{self.weights}"
+        extra = ""
+        if self.method == "outliertune":
+            extra = ("" if self.shift else "-noshift") + \
+                ("" if self.dynamic_alpha is not None else "-nomigrate")
+        return f"{self.method}{extra}{'-head' if self.head else ''}-{bits}-{self.weights}"
 
 
 def _runs() -> list[Run]:
     runs = []
     for w, a in ((8, 8), (6, 6), (4, 8)):
         weights = "rtn_asym" if w == 8 else "gptq"
-        runs += [Run("outliertune", w, a, weights), Run("smoothquant", w, a, weights),
-                 Run("per-token", w, a, weights), Run("weight-only", w, 16, weights)]
+        runs += [Run("outliertune", w, a, weights), Run("per-token", w, a, weights)]
         if w != 4:
-            runs += [Run("outliertune", w, a, weights, shift=False),
-                     Run("per-tensor", w, a, weights)]
-    runs += [Run("outliertune", 6, 6, "rtn_asym"), Run("outliertune", 8, 8, head=True)]
+            runs += [Run("smoothquant", w, a, weights), Run("weight-only", w, 16, weights),
+                     Run("outliertune", w, a, weights, shift=False),
+                     Run("outliertune", w, a, weights, dynamic_alpha=None)]
+    runs += [Run("per-tensor", 8, 8), Run("outliertune", 6, 6, "rtn_asym"),
+             Run("outliertune", 8, 8, head=True)]
     return runs
 
 
@@ -106,7 +111,8 @@ def quantized_folder(run: Run, work: Path, batches_fn) -> Path:
     if is_quantized_folder(folder):
         return folder
     cfg = QuantConfig(method=run.method, w_bits=run.w_bits, a_bits=min(run.a_bits, 8),
-                      weights=run.weights, shift=run.shift, head=run.head)
+                      weights=run.weights, shift=run.shift, head=run.head,
+                      dynamic_alpha=run.dynamic_alpha)
     model, tok = load_model(DEFAULT_MODEL, dtype="float32")
     t0 = time.perf_counter()
     quantize_model(model, batches_fn(), cfg, progress=False)
@@ -198,7 +204,7 @@ def kernel_rows(repeats: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calib-tokens", type=int, default=16384,
+    parser.add_argument("--calib-tokens", type=int, default=8192,
                         help="wiki-en train tokens for calibration and GPTQ (512 per sequence)")
     parser.add_argument("--max-tokens", type=int, default=4096,
                         help="scored held-out tokens per corpus")
@@ -207,8 +213,15 @@ def main() -> None:
     parser.add_argument("--eval-threads", type=int, default=2,
                         help="torch threads for calibration and perplexity (not timed)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rest-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="float type of what a quantized model keeps in float, for timing "
+                        "(bfloat16 only pays on CPUs with bf16 instructions)")
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--skip", default="", help="comma list: ppl, speed, kernels")
+    parser.add_argument("--only", default="", help="comma list of run names (default: all)")
+    parser.add_argument("--convert-only", action="store_true",
+                        help="quantize the selected runs into the work folder and stop (to "
+                        "spread the conversions over processes before one full run)")
     parser.add_argument("--work-dir", default=str(cache_dir() / "bench" / "quant"))
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--results-dir", default="docs/results")
@@ -232,6 +245,13 @@ def main() -> None:
                                    args.calib_tokens, 512)
 
     runs = _runs()
+    if args.only:
+        runs = [r for r in runs if r.name in args.only.split(",")]
+    if args.convert_only:
+        pin_threads(args.eval_threads)
+        for run in runs:
+            quantized_folder(run, work, batches_fn)
+        return
     rows = []
     if "ppl" not in skip:
         pin_threads(args.eval_threads)
@@ -247,7 +267,8 @@ def main() -> None:
                 row.update(method=run.method, w_bits=run.w_bits,
                            a_bits=run.a_bits if run.method != "weight-only" else 16,
                            weights=run.weights, shift=run.shift if run.method == "outliertune"
-                           else "", head=run.head,
+                           else "", dynamic_alpha=run.dynamic_alpha
+                           if run.method == "outliertune" else "", head=run.head,
                            file_mb=(work / run.name / "model.safetensors").stat().st_size / 1e6)
             else:
                 row.update(method=name, w_bits={"fp32": 32, "bf16": 16}.get(name, 8),
@@ -274,18 +295,16 @@ def main() -> None:
             if len(stream) >= 512:
                 break
         prompt = torch.tensor([stream[:512]])
-        w8 = {r.name: r for r in runs if r.w_bits == 8 and r.method != "per-tensor"
-              and r.shift and r.method != "weight-only"}
+        rest = args.rest_dtype
+        timed = [r for r in runs if r.w_bits == 8 and r.shift and r.dynamic_alpha is not None
+                 and r.method in ("outliertune", "smoothquant", "per-token")]
         subjects = [("fp32", lambda: load_model(DEFAULT_MODEL, dtype="float32")[0]),
                     ("bf16", lambda: load_model(DEFAULT_MODEL, dtype="bfloat16")[0]),
-                    ("torchao-da8w8 (bf16 rest)", lambda: torchao_model("bfloat16")[0])]
-        for name in w8:
-            folder = quantized_folder(w8[name], work, batches_fn)
-            subjects.append((f"{name} (bf16 rest)",
-                             lambda folder=folder: load(folder, dtype="bfloat16")[0]))
-            if w8[name].method == "outliertune" and not w8[name].head:
-                subjects.append((f"{name} (fp32 rest)",
-                                 lambda folder=folder: load(folder, dtype="float32")[0]))
+                    (f"torchao-da8w8 ({rest} rest)", lambda: torchao_model(rest)[0])]
+        for run in timed:
+            folder = quantized_folder(run, work, batches_fn)
+            subjects.append((f"{run.name} ({rest} rest)",
+                             lambda folder=folder: load(folder, dtype=rest)[0]))
         for name, model_fn in subjects:
             model = model_fn()
             row = {"name": name, "threads": torch.get_num_threads(),
@@ -312,7 +331,8 @@ def main() -> None:
                   f"stride 256) after save and load; calibration on {args.calib_tokens} "
                   f"wiki-en train tokens (512 per sequence); weights rtn_asym at 8 bits, GPTQ "
                   f"below; the embedding stored in bf16. Speed at {args.threads} thread(s), "
-                  f"medians of {args.repeats} runs, one 512-token wiki-en prompt."),
+                  f"medians of {args.repeats} runs, one 512-token wiki-en prompt; quantized "
+                  f"models keep the rest in {args.rest_dtype}."),
               "environment": environment(), "perplexity": rows, "speed": speed_rows,
               "kernels": kernels}
     if rows:
@@ -350,11 +370,14 @@ def summary(rows: list[dict], speed_rows: list[dict], corpora: list[str]) -> dic
                             ("smoothquant_w6a6", "smoothquant-w6a6-gptq"),
                             ("ot_noshift_w8a8", "outliertune-noshift-w8a8-rtn_asym"),
                             ("ot_noshift_w6a6", "outliertune-noshift-w6a6-gptq"),
+                            ("ot_nomigrate_w8a8", "outliertune-nomigrate-w8a8-rtn_asym"),
+                            ("ot_nomigrate_w6a6", "outliertune-nomigrate-w6a6-gptq"),
+                            ("per_token_w8a8", "per-token-w8a8-rtn_asym"),
                             ("torchao_w8a8", "torchao-da8w8")):
             if name in by:
                 out[f"{label}_ppl_vs_fp32_{corpus}"] = by[name][key]
     for row in speed_rows:
-        if row["name"].startswith("outliertune") and "bf16 rest" in row["name"]:
+        if row["name"].startswith("outliertune"):
             tag = "ot_head" if "-head-" in row["name"] else "ot"
             out[f"{tag}_prefill_vs_fp32"] = row["prefill_vs_fp32"]
             out[f"{tag}_prefill_vs_bf16"] = row["prefill_vs_bf16"]
@@ -369,7 +392,8 @@ def plot(rows: list[dict], corpus: str) -> dict:
     series = {}
     for row in rows:
         if row.get("weights") in ("gptq", "rtn_asym") and not row.get("head") \
-                and row.get("shift", "") is not False and row["w_bits"] <= 8:
+                and "noshift" not in row["name"] and "nomigrate" not in row["name"] \
+                and row["w_bits"] <= 8 and row["method"] != "per-tensor":
             if row["w_bits"] < 8 and row["weights"] != "gptq":
                 continue
             s = series.setdefault(row["method"], {"x": [], "y": []})

@@ -124,6 +124,7 @@ def test_a_tiny_opt_with_layernorm_and_biases_quantizes_too():
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(), QuantConfig(w_bits=6, a_bits=6),
+                                 QuantConfig(w_bits=6, a_bits=6, weights="gptq"),
                                  QuantConfig(method="per-token", weights="rtn_sym"),
                                  QuantConfig(method="smoothquant"),
                                  QuantConfig(method="per-tensor"),
@@ -255,3 +256,80 @@ def test_outliertune_with_dynamic_migration_quantizes_close_to_float():
     with torch.no_grad():
         got = model(input_ids=ids).logits
     assert (got - want).abs().max() / want.abs().max() < 0.03
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_outliertune_codes_equal_smoothquant_alpha_1_with_static_per_tensor_codes(shift):
+    """Spec identity 1.7.1: smoothing by a_j = max|X_j| makes every channel's calibration
+    range 1, so one static per-tensor scale 1/qmax gives OutlierTune's per-channel codes (with
+    the shift: Outlier Suppression+'s shift first). Exact in float64."""
+    from pertoken.quant.convert import _smoothing
+    from pertoken.quant.quantizers import static_codes
+
+    g = _gen(21)
+    x = (torch.randn(64, 16, generator=g, dtype=torch.float64)
+         * torch.logspace(-1, 1.5, 16, dtype=torch.float64) + torch.linspace(-3, 3, 16))
+    w = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    st = ChannelStats(16)
+    st.update(x)
+    z = st.shift().double() if shift else None
+    s = st.scale(8, z if shift else None).double()
+    ot = static_codes(x, 1 / s, 8, z)
+    centred = x - z if shift else x
+    st2 = ChannelStats(16)
+    st2.update(centred)
+    a = _smoothing(st2.absmax, [w], 1.0).double()  # alpha = 1: a_j = max|X_j|
+    smoothed = centred / a
+    per_tensor = smoothed.abs().max() / 127
+    sq = static_codes(smoothed, torch.full((16,), 1 / per_tensor.item(), dtype=torch.float64), 8)
+    assert torch.equal(ot, sq)
+
+
+def test_a_prior_per_channel_rescaling_cancels():
+    """Spec identity 1.7.2: SmoothQuant-style scales applied before calibration leave the
+    OutlierTune codes unchanged (the static per-channel scale absorbs them)."""
+    from pertoken.quant.quantizers import static_codes
+
+    g = _gen(22)
+    x = torch.randn(64, 16, generator=g, dtype=torch.float64) * torch.logspace(-1, 1.5, 16)
+    a = torch.rand(16, generator=g, dtype=torch.float64) + 0.5
+    codes = []
+    for inputs in (x, x / a):
+        st = ChannelStats(16)
+        st.update(inputs)
+        codes.append(static_codes(inputs, 1 / st.scale(8).double(), 8))
+    mismatches = (codes[0] != codes[1]).sum().item()
+    assert mismatches <= 2, mismatches  # rare ties from rounding x / a
+
+
+def test_the_shift_alone_reproduces_the_float_model_after_save_and_load(tmp_path):
+    """Spec test 6.1: with the shift's bias folded and quantization out of the way, logits
+    match the float model to 1e-5, also after a save and reload (the new biases survive)."""
+    from pertoken.quant.io import load, save_quantized
+
+    model, tokenizer = tiny_llama(hidden_size=64, intermediate_size=128)
+    ids = torch.randint(4, 200, (2, 24), generator=_gen(9))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    quantize_model(model, _batches(), QuantConfig(dynamic_alpha=None), progress=False)
+    static = [m for m in model.modules() if isinstance(m, QuantLinear) and m.act == "static"]
+    assert static and all(m.shift.abs().sum() > 0 and m.bias.numel() for m in static)
+    # then quantization is turned off: unrounded inputs against the float weights, keeping the
+    # saved shift, scales and the bias that compensates the shift
+    save_quantized(model, tokenizer, tmp_path / "q", {})
+    again, _ = load(tmp_path / "q")
+    original = tiny_llama(hidden_size=64, intermediate_size=128)[0]  # the same seed
+    for quantized in (model, again):
+        for name, m in list(quantized.named_modules()):
+            if not isinstance(m, QuantLinear):
+                continue
+            w = original.get_submodule(name).weight.detach()
+            if m.act == "static":  # u = (x - z) / s against W diag(s), plus the bias W z
+                folded = w * (1 / m.inv_scale)[None, :]
+                m.forward = (lambda x, m=m, folded=folded: nn.functional.linear(
+                    (x - m.shift) * m.inv_scale, folded, m.bias))
+            else:
+                m.forward = (lambda x, w=w: nn.functional.linear(x, w))
+        with torch.no_grad():
+            got = quantized(input_ids=ids).logits
+        assert (got - want).abs().max() < 1e-5, (got - want).abs().max()
