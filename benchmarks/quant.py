@@ -71,8 +71,10 @@ def _runs() -> list[Run]:
             runs += [Run("smoothquant", w, a, weights), Run("weight-only", w, 16, weights),
                      Run("outliertune", w, a, weights, shift=False),
                      Run("outliertune", w, a, weights, dynamic_alpha=None)]
+    # symmetric 8-bit weights skip the zero-point term (a row sum and a rank-one update per
+    # linear), which is worth timing; the head option on top of them
     runs += [Run("per-tensor", 8, 8), Run("outliertune", 6, 6, "rtn_asym"),
-             Run("outliertune", 8, 8, head=True)]
+             Run("outliertune", 8, 8, "rtn_sym"), Run("outliertune", 8, 8, "rtn_sym", head=True)]
     return runs
 
 
@@ -363,6 +365,8 @@ def summary(rows: list[dict], speed_rows: list[dict], corpora: list[str]) -> dic
     for corpus in corpora:
         key = f"vs_fp32_{corpus}"
         for label, name in (("ot_w8a8", "outliertune-w8a8-rtn_asym"),
+                            ("ot_w8a8_sym", "outliertune-w8a8-rtn_sym"),
+                            ("ot_head_w8a8_sym", "outliertune-head-w8a8-rtn_sym"),
                             ("ot_w6a6", "outliertune-w6a6-gptq"),
                             ("ot_w6a6_rtn", "outliertune-w6a6-rtn_asym"),
                             ("per_token_w6a6", "per-token-w6a6-gptq"),
@@ -378,7 +382,8 @@ def summary(rows: list[dict], speed_rows: list[dict], corpora: list[str]) -> dic
                 out[f"{label}_ppl_vs_fp32_{corpus}"] = by[name][key]
     for row in speed_rows:
         if row["name"].startswith("outliertune"):
-            tag = "ot_head" if "-head-" in row["name"] else "ot"
+            tag = ("ot_head" if "-head-" in row["name"] else "ot") + \
+                ("_sym" if "rtn_sym" in row["name"] else "")
             out[f"{tag}_prefill_vs_fp32"] = row["prefill_vs_fp32"]
             out[f"{tag}_prefill_vs_bf16"] = row["prefill_vs_bf16"]
             out[f"{tag}_all_logits_vs_fp32"] = row["all_logits_vs_fp32"]

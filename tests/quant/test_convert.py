@@ -333,3 +333,46 @@ def test_the_shift_alone_reproduces_the_float_model_after_save_and_load(tmp_path
         with torch.no_grad():
             got = quantized(input_ids=ids).logits
         assert (got - want).abs().max() < 1e-5, (got - want).abs().max()
+
+
+def test_a_group_quantizes_its_shared_input_once_with_the_same_outputs(tmp_path):
+    from pertoken.quant.io import load, save_quantized
+    from pertoken.quant.qlinear import SharedCodes
+
+    model, tokenizer = tiny_llama(hidden_size=64, intermediate_size=128)
+    quantize_model(model, _batches(), QuantConfig(), progress=False)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.shared is attn.k_proj.shared is attn.v_proj.shared is not None
+    assert attn.o_proj.shared is None
+    ids = torch.randint(4, 200, (2, 24), generator=_gen(9))
+    calls = []
+    original = QuantLinear.codes
+
+    def counting(self, x):
+        calls.append(self)
+        return original(self, x)
+
+    QuantLinear.codes = counting
+    try:
+        with torch.no_grad():
+            shared = model(input_ids=ids).logits
+        per_forward = len(calls)
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.shared = None
+        calls.clear()
+        with torch.no_grad():
+            unshared = model(input_ids=ids).logits
+    finally:
+        QuantLinear.codes = original
+    assert torch.equal(shared, unshared)
+    assert per_forward == 2 * 4 and len(calls) == 2 * 7  # q/k/v, o, gate/up, down per layer
+    # a reload links the groups again, and nothing is held after a forward
+    save_quantized(model, tokenizer, tmp_path / "q", {})
+    again, _ = load(tmp_path / "q")
+    caches = {id(m.shared): m.shared for m in again.modules()
+              if isinstance(m, QuantLinear) and m.shared is not None}
+    assert len(caches) == 2 * 2 and all(isinstance(c, SharedCodes) for c in caches.values())
+    with torch.no_grad():
+        again(input_ids=ids)
+    assert all(c._input is None and c._value is None for c in caches.values())

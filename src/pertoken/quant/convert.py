@@ -18,7 +18,7 @@ from torch import nn
 
 from pertoken.errors import UserError
 from pertoken.quant.observers import observe_inputs
-from pertoken.quant.qlinear import QuantLinear
+from pertoken.quant.qlinear import QuantLinear, link_shared_codes
 from pertoken.quant.quantizers import QuantizedWeight, quantize_weight
 
 log = logging.getLogger(__name__)
@@ -161,8 +161,10 @@ class _Plan:
     """the group's first linear: linears of a group read one input and share one Hessian"""
 
     def build(self, weight: QuantizedWeight, cfg: QuantConfig) -> QuantLinear:
-        return QuantLinear(weight, self.bias, self.act, cfg.a_bits, inv_scale=self.inv_scale,
-                           shift=self.shift)
+        linear = QuantLinear(weight, self.bias, self.act, cfg.a_bits, inv_scale=self.inv_scale,
+                             shift=self.shift)
+        linear.group = self.group
+        return linear
 
     def gptq_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the folded weight multiplies: ``(x - shift) / scale`` for static activations,
@@ -369,6 +371,7 @@ def quantize_model(model: nn.Module, batches: Iterable[torch.Tensor], cfg: Quant
     else:
         for name, plan in plans.items():
             replace_linear(model, name, plan.build(_weight(plan.weight, cfg), cfg))
+    link_shared_codes(model)
     if cfg.head:
         quantize_head(model)
     log.info("%s W%dA%d: %d linears quantized (%d calibrated groups)", cfg.method, cfg.w_bits,

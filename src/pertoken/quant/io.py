@@ -18,7 +18,7 @@ from torch import nn
 from pertoken.atomic import atomic_path, write_json_atomic
 from pertoken.errors import UserError
 from pertoken.quant.convert import replace_linear
-from pertoken.quant.qlinear import QuantLinear
+from pertoken.quant.qlinear import QuantLinear, link_shared_codes
 from pertoken.quant.quantizers import QuantizedWeight, pack_int6, unpack_int6
 
 QUANT_FILE = "quant_config.json"
@@ -34,7 +34,8 @@ def _layout(module: QuantLinear) -> dict:
     return {"in": module.in_features, "out": module.out_features, "act": module.act,
             "a_bits": module.a_bits, "w_bits": module.w_bits,
             "asym": module.weight_zero.numel() > 0, "bias": module.bias.numel() > 0,
-            "shift": module.shift.numel() > 0, "inv_scale": module.inv_scale.numel() > 0}
+            "shift": module.shift.numel() > 0, "inv_scale": module.inv_scale.numel() > 0,
+            "group": module.group}
 
 
 def save_quantized(model: nn.Module, tokenizer, path: str | Path, settings: dict,
@@ -95,9 +96,11 @@ def _empty_linear(layout: dict) -> QuantLinear:
                              torch.zeros(n, dtype=torch.int32) if layout["asym"] else None,
                              layout["w_bits"])
     scaled = layout.get("inv_scale", layout["act"] == "static")
-    return QuantLinear(weight, torch.zeros(n) if layout["bias"] else None, layout["act"],
-                       layout["a_bits"], inv_scale=torch.ones(k) if scaled else None,
-                       shift=torch.zeros(k) if layout["shift"] else None)
+    linear = QuantLinear(weight, torch.zeros(n) if layout["bias"] else None, layout["act"],
+                         layout["a_bits"], inv_scale=torch.ones(k) if scaled else None,
+                         shift=torch.zeros(k) if layout["shift"] else None)
+    linear.group = layout.get("group", "")
+    return linear
 
 
 def load(path: str | Path, dtype: torch.dtype | str = torch.float32):
@@ -145,6 +148,7 @@ def load(path: str | Path, dtype: torch.dtype | str = torch.float32):
                         f"{missing[:3]}, unexpected {unexpected[:3]}")
     if tied:
         model.tie_weights()
+    link_shared_codes(model)
     for param in model.parameters():  # QuantLinear holds buffers only
         param.data = param.data.to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True) \

@@ -47,6 +47,47 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor, pad: bool | None = None) -> tor
     return torch._int_mm(a.contiguous(), b.contiguous())[:m, :n]
 
 
+class SharedCodes:
+    """Activation codes computed once for the linears of a group that read the same input
+    with the same quantizer (``q/k/v``, ``gate/up``): the first member to see an input tensor
+    quantizes it, the others reuse the codes for that very tensor object, and the cache lets
+    go once every member has read it (so nothing outlives a forward pass)."""
+
+    def __init__(self, members: int) -> None:
+        self.members = members
+        self._input = self._value = None
+        self._reads = 0
+
+    def get(self, x: torch.Tensor, compute):
+        if self._input is not x:
+            self._input, self._value, self._reads = x, compute(), 0
+        value = self._value
+        self._reads += 1
+        if self._reads >= self.members:
+            self._input = self._value = None
+        return value
+
+
+def link_shared_codes(model: nn.Module) -> int:
+    """Give the static :class:`QuantLinear` members of each group one :class:`SharedCodes`;
+    returns the number of groups linked."""
+    groups: dict[str, list[QuantLinear]] = {}
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.act == "static" and module.group:
+            groups.setdefault(module.group, []).append(module)
+    linked = 0
+    for members in groups.values():
+        first = members[0]
+        same = all(torch.equal(m.inv_scale, first.inv_scale) and torch.equal(m.shift, first.shift)
+                   and m.a_bits == first.a_bits for m in members)
+        if len(members) > 1 and same:
+            cache = SharedCodes(len(members))
+            for m in members:
+                m.shared = cache
+            linked += 1
+    return linked
+
+
 class QuantLinear(nn.Module):
     """An ``nn.Linear`` replacement on integer kernels (see the module docstring).
 
@@ -64,6 +105,9 @@ class QuantLinear(nn.Module):
         if act == "static" and inv_scale is None:
             raise ValueError("static activations need their per-channel inverse scales")
         self.act, self.a_bits, self.w_bits = act, a_bits, weight.bits
+        self.group = ""
+        """the first linear of the group this one shares its input and quantizer with"""
+        self.shared: SharedCodes | None = None
         out_features, in_features = weight.codes.shape
         self.in_features, self.out_features = in_features, out_features
         empty = torch.zeros(0)
@@ -113,7 +157,10 @@ class QuantLinear(nn.Module):
             y = nn.functional.linear(flat, self.dequantized_weight(),
                                      self.bias if self.bias.numel() else None)
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        codes, token_scale = self.codes(flat)
+        if self.shared is not None:
+            codes, token_scale = self.shared.get(x, lambda: self.codes(flat))
+        else:
+            codes, token_scale = self.codes(flat)
         y = epilogue(self.accumulate(codes), token_scale, self.weight_scale,
                      self.bias if self.bias.numel() else None)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
