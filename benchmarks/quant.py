@@ -126,11 +126,30 @@ def quantized_folder(run: Run, work: Path, batches_fn) -> Path:
     return folder
 
 
+def heldout_documents(corpus: str):
+    """The held-out documents of ``corpus``. ``docs-en`` is the union of the English corpora
+    with wiki-en first, so its leading tokens would repeat wiki-en: here it stands for its
+    documentation members, taken in turn one document each."""
+    if corpus != "docs-en":
+        yield from open_corpus(corpus).documents("heldout")
+        return
+    from pertoken.data import named_corpus
+
+    members = [m for m in named_corpus("docs-en").members if m != "wiki-en"]
+    streams = [open_corpus(m).documents("heldout") for m in members]
+    while streams:
+        for stream in list(streams):
+            try:
+                yield next(stream)
+            except StopIteration:
+                streams.remove(stream)
+
+
 def cached_perplexity(key: Path, model_fn, corpus: str, max_tokens: int) -> dict:
     if key.is_file():
         return json.loads(key.read_text())
     model, tok = model_fn()
-    result = perplexity(model, tok, open_corpus(corpus).documents("heldout"),
+    result = perplexity(model, tok, heldout_documents(corpus),
                         PerplexityConfig(max_tokens=max_tokens), progress=False)
     out = {"perplexity": result.perplexity, "tokens": result.tokens,
            "seconds": result.seconds}
@@ -330,7 +349,8 @@ def main() -> None:
     result = {"method": "quant", "title": f"OutlierTune and baselines on {DEFAULT_MODEL}",
               "description": (
                   f"Perplexity on {args.max_tokens} held-out tokens per corpus (window 512, "
-                  f"stride 256) after save and load; calibration on {args.calib_tokens} "
+                  f"stride 256; docs-en: its documentation members, one document from each "
+                  f"in turn) after save and load; calibration on {args.calib_tokens} "
                   f"wiki-en train tokens (512 per sequence); weights rtn_asym at 8 bits, GPTQ "
                   f"below; the embedding stored in bf16. Speed at {args.threads} thread(s), "
                   f"medians of {args.repeats} runs, one 512-token wiki-en prompt; quantized "
