@@ -13,7 +13,8 @@ In one run, on SmolLM2-135M-Instruct:
 
 Weights are rounded to nearest (``rtn_asym``) at 8 bits and by GPTQ below (plus an
 OutlierTune W6A6 row with round-to-nearest, to show what the rounding is worth). Calibration:
-``wiki-en`` train split. Quantized folders and perplexities are kept in the work folder, so an
+train splits of wiki-en and of the documentation corpora (see ``CALIBRATION``); static scales
+only cover what calibration showed them. Quantized folders and perplexities are kept in the work folder, so an
 interrupted run resumes (``--fresh`` starts over).
 
 Writes docs/results/quant.json and docs/results/quant.md.
@@ -39,6 +40,10 @@ from pertoken.evaluate import PerplexityConfig, perplexity
 from pertoken.models import DEFAULT_MODEL, cache_dir, load_model
 
 log = logging.getLogger("bench.quant")
+
+CALIBRATION = ("wiki-en:4096,linux-doc-en:1024,rust-doc-en:1024,python-doc-en:1024,"
+               "handbook-en:1024")
+"""half Wikipedia, half the documentation corpora that docs-en's held-out tokens come from"""
 
 
 @dataclass(frozen=True)
@@ -225,8 +230,9 @@ def kernel_rows(repeats: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calib-tokens", type=int, default=8192,
-                        help="wiki-en train tokens for calibration and GPTQ (512 per sequence)")
+    parser.add_argument("--calib", default=CALIBRATION,
+                        help="calibration and GPTQ data, CORPUS:TOKENS,... (train splits, 512 "
+                        "tokens per sequence)")
     parser.add_argument("--max-tokens", type=int, default=4096,
                         help="scored held-out tokens per corpus")
     parser.add_argument("--corpora", default="wiki-en,docs-en")
@@ -243,7 +249,9 @@ def main() -> None:
     parser.add_argument("--convert-only", action="store_true",
                         help="quantize the selected runs into the work folder and stop (to "
                         "spread the conversions over processes before one full run)")
-    parser.add_argument("--work-dir", default=str(cache_dir() / "bench" / "quant"))
+    parser.add_argument("--work-dir", default=None,
+                        help="quantized folders and perplexities (default: per calibration, "
+                        "under the pertoken cache)")
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--results-dir", default="docs/results")
     args = parser.parse_args()
@@ -251,19 +259,21 @@ def main() -> None:
     for noisy in ("torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     skip = set(filter(None, args.skip.split(",")))
-    work = Path(args.work_dir)
+    import hashlib
+
+    tag = hashlib.sha1(args.calib.encode()).hexdigest()[:8]
+    work = Path(args.work_dir or cache_dir() / "bench" / "quant" / f"calib-{tag}")
     if args.fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     corpora = [c for c in args.corpora.split(",") if c]
 
-    from pertoken.quant.cli import calibration_batches
+    from pertoken.quant.cli import mixed_calibration_batches, parse_calibration
     from pertoken.quant.io import load
 
     def batches_fn():
         _, tok = load_model(DEFAULT_MODEL, dtype="float32")
-        return calibration_batches(tok, open_corpus("wiki-en").documents("train"),
-                                   args.calib_tokens, 512)
+        return mixed_calibration_batches(tok, parse_calibration(args.calib), 512)
 
     runs = _runs()
     if args.only:
@@ -350,8 +360,8 @@ def main() -> None:
               "description": (
                   f"Perplexity on {args.max_tokens} held-out tokens per corpus (window 512, "
                   f"stride 256; docs-en: its documentation members, one document from each "
-                  f"in turn) after save and load; calibration on {args.calib_tokens} "
-                  f"wiki-en train tokens (512 per sequence); weights rtn_asym at 8 bits, GPTQ "
+                  f"in turn) after save and load; calibration on {args.calib} (train splits, "
+                  f"512 tokens per sequence); weights rtn_asym at 8 bits, GPTQ "
                   f"below; the embedding stored in bf16. Speed at {args.threads} thread(s), "
                   f"medians of {args.repeats} runs, one 512-token wiki-en prompt; quantized "
                   f"models keep the rest in {args.rest_dtype}."),

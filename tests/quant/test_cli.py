@@ -40,10 +40,12 @@ def _ppl(model, root):
 def test_quantize_saves_a_folder_that_eval_ppl_loads(setup):
     out = setup / "w8a8"
     done = _run("quant", "quantize", "--model", str(setup / "tiny"), "--calib",
-                f"{setup / 'text.txt'}:600", "--length", "64", "-o", str(out))
+                f"{setup / 'text.txt'}:400,{setup / 'text.txt'}:200", "--length", "64",
+                "-o", str(out))
     assert done.returncode == 0, done.stderr
     config = json.loads((out / "quant_config.json").read_text())
     assert config["method"] == "outliertune" and config["calibration"]["tokens"] == 600
+    assert [p["tokens"] for p in config["calibration"]["parts"]] == [400, 200]
     assert all(f["tokens"] > 0 for f in config["folded"].values())
     assert sum("scale" in f for f in config["folded"].values()) == 4  # one per norm
     assert sum("migration" in f for f in config["folded"].values()) == 4  # o_proj, down_proj
@@ -69,6 +71,7 @@ def test_gptq_weights_and_the_int8_head_from_the_command_line(setup):
     (["--a-bits", "4"], "4-bit activations"),
     (["--calib", "wiki-en:0"], "at least 1"),
     (["--calib", "nocount"], "CORPUS:TOKENS"),
+    (["--calib", "wiki-en:100,nocount"], "CORPUS:TOKENS"),
     (["--method", "magic"], "invalid choice"),
     (["--dynamic-alpha", "lots"], "number in [0, 1] or 'off'"),
     (["--dynamic-alpha", "1.5"], "alpha must be in [0, 1]"),

@@ -24,13 +24,29 @@ def calibration_batches(tokenizer, documents, tokens: int, length: int, batch_si
     return batches
 
 
-def _parse_calib(text: str) -> tuple[str, int]:
-    corpus, _, count = text.rpartition(":")
-    if not corpus or not count.lstrip("-").isdigit():
-        raise UserError(f"--calib takes CORPUS:TOKENS, got {text!r}")
-    if int(count) < 1:
-        raise UserError(f"calibration tokens must be at least 1, got {count}")
-    return corpus, int(count)
+def parse_calibration(text: str) -> list[tuple[str, int]]:
+    """``CORPUS:TOKENS[,CORPUS:TOKENS...]`` as (corpus, tokens) pairs."""
+    parts = []
+    for part in text.split(","):
+        corpus, _, count = part.rpartition(":")
+        if not corpus or not count.lstrip("-").isdigit():
+            raise UserError(f"--calib takes CORPUS:TOKENS[,CORPUS:TOKENS...], got {text!r}")
+        if int(count) < 1:
+            raise UserError(f"calibration tokens must be at least 1, got {count}")
+        parts.append((corpus, int(count)))
+    return parts
+
+
+def mixed_calibration_batches(tokenizer, parts: list[tuple[str, int]], length: int):
+    """:func:`calibration_batches` from the train split of each corpus in ``parts``, one
+    after the other (static scales must cover every kind of text the model will see)."""
+    from pertoken.data import open_corpus
+
+    batches = []
+    for corpus, tokens in parts:
+        batches += calibration_batches(tokenizer, open_corpus(corpus).documents("train"),
+                                       tokens, length)
+    return batches
 
 
 def _parse_alpha(text: str) -> float | None:
@@ -75,16 +91,19 @@ def _quantize(args) -> int:
                       smooth_alpha=args.alpha, head=args.head,
                       dynamic_alpha=_parse_alpha(args.dynamic_alpha))
     cfg.validate()
-    corpus_name, tokens = _parse_calib(args.calib)
+    parts = parse_calibration(args.calib)
+    tokens = sum(count for _, count in parts)
     check_family(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
-    corpus = open_corpus(corpus_name)
+    for corpus, _ in parts:
+        open_corpus(corpus)  # a missing corpus fails before the model loads
     model, tokenizer = load_model(args.model, dtype="float32")
-    batches = calibration_batches(tokenizer, corpus.documents("train"), tokens, args.length)
+    batches = mixed_calibration_batches(tokenizer, parts, args.length)
     folded = quantize_model(model, batches, cfg)
     settings = {**asdict(cfg),
-                "calibration": {"corpus": corpus_name, "split": "train", "tokens": tokens,
+                "calibration": {"corpus": args.calib, "split": "train", "tokens": tokens,
+                                "parts": [{"corpus": c, "tokens": n} for c, n in parts],
                                 "length": args.length},
                 "source_model": args.model,
                 "folded": {name: {key: value.tolist() if isinstance(value, torch.Tensor)
@@ -95,7 +114,7 @@ def _quantize(args) -> int:
                    else args.embedding_dtype)
     print(f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits} ({cfg.weights} weights"
           f"{', shift' if cfg.method == 'outliertune' and cfg.shift else ''}) of {args.model}, "
-          f"calibrated on {tokens:,} tokens of {corpus_name}: saved to {args.output}")
+          f"calibrated on {tokens:,} tokens of {args.calib}: saved to {args.output}")
     return 0
 
 
@@ -126,7 +145,8 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--embedding-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="how a float input embedding (shared by a tied head) is stored")
     p.add_argument("--calib", default="wiki-en:8192",
-                   help="calibration data CORPUS:TOKENS (the corpus's train split)")
+                   help="calibration data CORPUS:TOKENS, or several joined by commas, from each "
+                   "corpus's train split (calibrate on text like what the model will read)")
     p.add_argument("--length", type=positive_int, default=512, help="tokens per sequence")
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("-o", "--output", required=True, help="folder for the quantized model")
