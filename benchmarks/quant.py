@@ -83,6 +83,20 @@ def _runs() -> list[Run]:
     return runs
 
 
+def cpu_features() -> dict:
+    """The CPU model and the instruction sets that decide int8 and bf16 speed."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                  if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
+                      if line.startswith("flags")), []))
+    return {"cpu": model, **{f: f in flags for f in ("avx512_vnni", "avx512_bf16", "amx_int8",
+                                                       "amx_bf16")}}
+
+
 def tensor_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's parameters and buffers, shared tensors once, tensor subclasses
     (torchao's) by their inner tensors."""
@@ -365,14 +379,18 @@ def main() -> None:
                   f"below; the embedding stored in bf16. Speed at {args.threads} thread(s), "
                   f"medians of {args.repeats} runs, one 512-token wiki-en prompt; quantized "
                   f"models keep the rest in {args.rest_dtype}."),
-              "environment": environment(), "perplexity": rows, "speed": speed_rows,
+              "environment": {**environment(), **cpu_features()}, "perplexity": rows, "speed": speed_rows,
               "kernels": kernels}
     if rows:
         result["summary"] = summary(rows, speed_rows, corpora)
         result["plots"] = [plot(rows, corpus) for corpus in corpora]
     columns = ["name", "w_bits", "a_bits", "weights"] + \
         [c for corpus in corpora for c in (f"ppl_{corpus}", f"vs_fp32_{corpus}")]
-    md = [f"# {result['title']}\n", result["description"] + "\n"]
+    env = result["environment"]
+    md = [f"# {result['title']}\n", result["description"] + "\n",
+          f"Machine: {env.get('cpu', '?')}, {env['cpus']} cores; AVX-512 VNNI "
+          f"{env.get('avx512_vnni')}, AVX-512 BF16 {env.get('avx512_bf16')}, AMX "
+          f"{env.get('amx_int8')}; torch {env['torch']}.\n"]
     if rows:
         md += ["## Perplexity\n", markdown_table(rows, columns),
                "## Summary\n", markdown_table([{"item": k, "value": v}
