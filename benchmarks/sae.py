@@ -187,19 +187,15 @@ def evaluate_run(args, folder: Path, heldout: Path, with_ce: bool) -> dict:
         result = json.loads(cached.read_text())
         if result.get("ce") is not None or not with_ce:
             return result
-    import torch
-
     from pertoken.atomic import write_json_atomic
     from pertoken.sae.cache import ActivationStore
     from pertoken.sae.metrics import ce_loss_recovered, evaluate
-    from pertoken.sae.io import load
+    from pertoken.sae.io import load, read_config, training_batch
 
     sae = load(folder)
     store = ActivationStore(heldout)
     modes = ["batch", "threshold"] if sae.cfg.batch_dependent else ["batch"]
-    training = json.loads((folder / "training.json").read_text())
-    caps = training.get("capacities")  # Zipf Feature Choice: the capacities it ended with
-    caps = torch.tensor(caps) if caps else None
+    _, caps = training_batch(read_config(folder))  # Zipf Feature Choice: its capacities
     result = {"modes": {m: evaluate(sae, store, batch_size=args.batch_size, mode=m,
                                     capacities=caps) for m in modes}, "ce": None}
     if with_ce:
