@@ -216,6 +216,7 @@ def kernel_rows(repeats: int) -> list[dict]:
     path (float32 rest), bfloat16 for the bfloat16 linear."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
+    from pertoken.quant.kernels import use_compiled_kernels
     from pertoken.quant.qlinear import QuantLinear
     from pertoken.quant.quantizers import quantize_weight
 
@@ -240,6 +241,11 @@ def kernel_rows(repeats: int) -> list[dict]:
                          "outliertune_static_ms": _median_ms(lambda: static(x), repeats),
                          "per_token_ms": _median_ms(lambda: dynamic(x), repeats),
                          "torchao_da8w8_ms": _median_ms(lambda: ao(x), repeats)})
+            if use_compiled_kernels(True):
+                rows[-1]["outliertune_static_compiled_ms"] = _median_ms(lambda: static(x),
+                                                                        repeats)
+                rows[-1]["per_token_compiled_ms"] = _median_ms(lambda: dynamic(x), repeats)
+            use_compiled_kernels(False)
     return rows
 
 
@@ -351,11 +357,20 @@ def main() -> None:
             folder = quantized_folder(run, work, batches_fn)
             subjects.append((f"{run.name} ({rest} rest)",
                              lambda folder=folder: load(folder, dtype=rest)[0]))
+            if run.method == "outliertune" or run.name.startswith("per-token"):
+                subjects.append((f"{run.name} ({rest} rest, compiled kernels)",
+                                 lambda folder=folder: load(folder, dtype=rest)[0]))
+        from pertoken.quant.kernels import use_compiled_kernels
+
         for name, model_fn in subjects:
             model = model_fn()
-            row = {"name": name, "threads": torch.get_num_threads(),
-                   "weight_mb": tensor_bytes(model) / 1e6,
-                   **speed(model, prompt, args.repeats, args.decode_steps)}
+            compiled = use_compiled_kernels("compiled kernels" in name)
+            try:
+                row = {"name": name, "threads": torch.get_num_threads(),
+                       "compiled_kernels": compiled, "weight_mb": tensor_bytes(model) / 1e6,
+                       **speed(model, prompt, args.repeats, args.decode_steps)}
+            finally:
+                use_compiled_kernels(False)
             log.info("%s: %s", name, row)
             speed_rows.append(row)
             del model
@@ -432,7 +447,8 @@ def summary(rows: list[dict], speed_rows: list[dict], corpora: list[str]) -> dic
     for row in speed_rows:
         if row["name"].startswith("outliertune"):
             tag = ("ot_head" if "-head-" in row["name"] else "ot") + \
-                ("_sym" if "rtn_sym" in row["name"] else "")
+                ("_sym" if "rtn_sym" in row["name"] else "") + \
+                ("_compiled" if row.get("compiled_kernels") else "")
             out[f"{tag}_prefill_vs_fp32"] = row["prefill_vs_fp32"]
             out[f"{tag}_prefill_vs_bf16"] = row["prefill_vs_bf16"]
             out[f"{tag}_all_logits_vs_fp32"] = row["all_logits_vs_fp32"]

@@ -11,6 +11,8 @@ Built so far:
 - :mod:`pertoken.quant.qlinear`: :class:`QuantLinear`, an int8 x int8 -> int32 GEMM
   (``torch._int_mm``) with a float32 epilogue, for any number of tokens, and
   :class:`QuantEmbedding`, a tied embedding read from a quantized head's codes;
+- :mod:`pertoken.quant.kernels`: the quantizers and the epilogue fused by ``torch.compile``
+  (opt-in, :func:`use_compiled_kernels`);
 - :mod:`pertoken.quant.observers`: per-channel input statistics from forward pre-hooks (the
   shift over the true sample count, scales after the shift);
 - :mod:`pertoken.quant.convert`: :func:`quantize_model` calibrates a Llama- or OPT-style model
@@ -33,6 +35,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "QuantLinear": "pertoken.quant.qlinear",
     "QuantEmbedding": "pertoken.quant.qlinear",
     "gptq_quantize": "pertoken.quant.gptq",
+    "use_compiled_kernels": "pertoken.quant.kernels",
     "quantize_head": "pertoken.quant.convert",
     "fold_channel_scales": "pertoken.quant.convert",
     "is_quantized_folder": "pertoken.quant.io",

@@ -14,7 +14,9 @@ Activation modes:
 Weights are per-output-row codes (:class:`~pertoken.quant.quantizers.QuantizedWeight`); an
 asymmetric 8-bit weight subtracts ``rowsum(x_codes) * zero`` from the int32 accumulator, and
 narrower asymmetric weights store ``codes - zero`` directly. Any number of tokens works,
-including one; on CUDA the operands are padded to what ``_int_mm`` accepts there.
+including one; on CUDA the operands are padded to what ``_int_mm`` accepts there. With
+:func:`pertoken.quant.kernels.use_compiled_kernels` the quantizers and the epilogue run as
+fused compiled loops.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from pertoken.errors import UserError
+from pertoken.quant import kernels
 from pertoken.quant.quantizers import QuantizedWeight, per_token_codes, static_codes
 
 ACT_MODES = ("static", "per-token", "none")
@@ -130,10 +133,13 @@ class QuantLinear(nn.Module):
     def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The activation codes of ``x`` (tokens, in) and, per token, their scale (None for
         static activations, whose scales are folded into the weight)."""
+        fused = kernels.compiled_kernels_on()
         if self.act == "static":
             shift = self.shift if self.shift.numel() else None
-            return static_codes(x, self.inv_scale, self.a_bits, shift), None
-        return per_token_codes(x * self.inv_scale if self.inv_scale.numel() else x, self.a_bits)
+            quantize = kernels.static_codes if fused else static_codes
+            return quantize(x, self.inv_scale, self.a_bits, shift), None
+        quantize = kernels.per_token_codes if fused else per_token_codes
+        return quantize(x * self.inv_scale if self.inv_scale.numel() else x, self.a_bits)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight (out, in) the codes stand for."""
@@ -161,8 +167,9 @@ class QuantLinear(nn.Module):
             codes, token_scale = self.shared.get(x, lambda: self.codes(flat))
         else:
             codes, token_scale = self.codes(flat)
-        y = epilogue(self.accumulate(codes), token_scale, self.weight_scale,
-                     self.bias if self.bias.numel() else None)
+        finish = kernels.epilogue if kernels.compiled_kernels_on() else epilogue
+        y = finish(self.accumulate(codes), token_scale, self.weight_scale,
+                   self.bias if self.bias.numel() else None)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
