@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from pertoken.atomic import write_json_atomic
 from pertoken.bench import environment, markdown_table, pin_threads, write_results
 from pertoken.data import open_corpus
 from pertoken.evaluate import PerplexityConfig, perplexity
@@ -136,7 +137,7 @@ def quantized_folder(run: Run, work: Path, batches_fn) -> Path:
                       dynamic_alpha=run.dynamic_alpha)
     model, tok = load_model(DEFAULT_MODEL, dtype="float32")
     t0 = time.perf_counter()
-    quantize_model(model, batches_fn(), cfg, progress=False)
+    quantize_model(model, batches_fn(tok), cfg, progress=False)
     seconds = time.perf_counter() - t0
     save_quantized(model, tok, folder, {**asdict(cfg), "source_model": DEFAULT_MODEL,
                                         "convert_seconds": seconds},
@@ -172,8 +173,6 @@ def cached_perplexity(key: Path, model_fn, corpus: str, max_tokens: int) -> dict
                         PerplexityConfig(max_tokens=max_tokens), progress=False)
     out = {"perplexity": result.perplexity, "tokens": result.tokens,
            "seconds": result.seconds}
-    key.parent.mkdir(parents=True, exist_ok=True)
-    from pertoken.atomic import write_json_atomic
     write_json_atomic(key, out)
     return out
 
@@ -292,8 +291,7 @@ def main() -> None:
     from pertoken.quant.cli import mixed_calibration_batches, parse_calibration
     from pertoken.quant.io import load
 
-    def batches_fn():
-        _, tok = load_model(DEFAULT_MODEL, dtype="float32")
+    def batches_fn(tok):
         return mixed_calibration_batches(tok, parse_calibration(args.calib), 512)
 
     runs = _runs()

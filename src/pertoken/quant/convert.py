@@ -18,7 +18,7 @@ from torch import nn
 
 from pertoken.errors import UserError
 from pertoken.quant.observers import observe_inputs
-from pertoken.quant.qlinear import QuantLinear, link_shared_codes
+from pertoken.quant.qlinear import QuantEmbedding, QuantLinear, link_shared_codes
 from pertoken.quant.quantizers import QuantizedWeight, quantize_weight
 
 log = logging.getLogger(__name__)
@@ -181,8 +181,6 @@ def quantize_head(model: nn.Module) -> QuantLinear:
     becomes a :class:`~pertoken.quant.qlinear.QuantEmbedding` over the same codes and the
     config is untied, so nothing float is kept for either (spec §1.1 leaves the head float;
     this is pertoken's option for speed: the 49k-row head is a large share of a forward)."""
-    from pertoken.quant.qlinear import QuantEmbedding
-
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise UserError(f"{type(model).__name__} has no linear output head to quantize")

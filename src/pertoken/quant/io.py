@@ -18,7 +18,7 @@ from torch import nn
 from pertoken.atomic import atomic_path, write_json_atomic
 from pertoken.errors import UserError
 from pertoken.quant.convert import replace_linear
-from pertoken.quant.qlinear import QuantLinear, link_shared_codes
+from pertoken.quant.qlinear import QuantEmbedding, QuantLinear, link_shared_codes
 from pertoken.quant.quantizers import QuantizedWeight, pack_int6, unpack_int6
 
 QUANT_FILE = "quant_config.json"
@@ -45,8 +45,6 @@ def save_quantized(model: nn.Module, tokenizer, path: str | Path, settings: dict
     input embedding (which a tied head shares) is stored in ``embedding_dtype`` (None: as it
     is; ``bfloat16`` halves the largest float tensor of a small model)."""
     from safetensors.torch import save_file
-
-    from pertoken.quant.qlinear import QuantEmbedding
 
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -110,8 +108,6 @@ def load(path: str | Path, dtype: torch.dtype | str = torch.float32):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from pertoken.quant.qlinear import QuantEmbedding
 
     path = Path(path)
     if not is_quantized_folder(path):
