@@ -42,8 +42,8 @@ from pertoken.models import DEFAULT_MODEL, cache_dir, load_model
 
 log = logging.getLogger("bench.quant")
 
-CALIBRATION = ("wiki-en:4096,linux-doc-en:1024,rust-doc-en:1024,python-doc-en:1024,"
-               "handbook-en:1024")
+CALIBRATION = ("wiki-en:8192,linux-doc-en:2048,rust-doc-en:2048,python-doc-en:2048,"
+               "handbook-en:2048")
 """half Wikipedia, half the documentation corpora that docs-en's held-out tokens come from"""
 
 
@@ -54,7 +54,7 @@ class Run:
     a_bits: int = 8
     weights: str = "rtn_asym"
     shift: bool = True
-    dynamic_alpha: float | None = 0.5
+    dynamic_alpha: float | None = 0.6
     head: bool = False
 
     @property
@@ -112,6 +112,21 @@ def tensor_bytes(model: torch.nn.Module) -> int:
             seen.add(id(t))
             total += flat(t)
     return total
+
+
+def packed_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the oneDNN prepacked int8 weights a quantized model built at run time (a second
+    copy of its linear weights, next to the buffers that are saved)."""
+    from pertoken.quant.qlinear import QuantLinear
+
+    owners = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            owners[id(m)] = m
+            if m.shared is not None:
+                owners[id(m.shared)] = m.shared
+    return sum(o._onednn.packed.numel() for o in owners.values()
+               if getattr(o, "_onednn", None) is not None)
 
 
 def torchao_model(dtype: str):
@@ -216,7 +231,7 @@ def kernel_rows(repeats: int) -> list[dict]:
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     from pertoken.quant.kernels import use_compiled_kernels
-    from pertoken.quant.qlinear import QuantLinear
+    from pertoken.quant.qlinear import QuantLinear, use_gemm
     from pertoken.quant.quantizers import quantize_weight
 
     rows = []
@@ -227,6 +242,8 @@ def kernel_rows(repeats: int) -> list[dict]:
         half.weight.data = linear.weight.data.bfloat16()
         static = QuantLinear(quantize_weight(linear.weight, 8, "rtn_asym"), None, "static", 8,
                              inv_scale=torch.full((k,), 40.0))
+        static_sym = QuantLinear(quantize_weight(linear.weight, 8, "rtn_sym"), None, "static",
+                                 8, inv_scale=torch.full((k,), 40.0))
         dynamic = QuantLinear(quantize_weight(linear.weight, 8, "rtn_sym"), None, "per-token", 8)
         ao = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False))
         ao[0].weight.data = linear.weight.data.clone()
@@ -239,7 +256,12 @@ def kernel_rows(repeats: int) -> list[dict]:
                          "bf16_ms": _median_ms(lambda: half(xb), repeats),
                          "outliertune_static_ms": _median_ms(lambda: static(x), repeats),
                          "per_token_ms": _median_ms(lambda: dynamic(x), repeats),
+                         "outliertune_static_sym_ms": _median_ms(lambda: static_sym(x), repeats),
                          "torchao_da8w8_ms": _median_ms(lambda: ao(x), repeats)})
+            use_gemm("int_mm")
+            rows[-1]["outliertune_static_int_mm_ms"] = _median_ms(lambda: static(x), repeats)
+            rows[-1]["per_token_int_mm_ms"] = _median_ms(lambda: dynamic(x), repeats)
+            use_gemm("onednn")
             if use_compiled_kernels(True):
                 rows[-1]["outliertune_static_compiled_ms"] = _median_ms(lambda: static(x),
                                                                         repeats)
@@ -358,17 +380,25 @@ def main() -> None:
             if run.method == "outliertune" or run.name.startswith("per-token"):
                 subjects.append((f"{run.name} ({rest} rest, compiled kernels)",
                                  lambda folder=folder: load(folder, dtype=rest)[0]))
+            if run == Run("outliertune"):  # the previous GEMM path, as an ablation
+                subjects.append((f"{run.name} ({rest} rest, int_mm)",
+                                 lambda folder=folder: load(folder, dtype=rest)[0]))
         from pertoken.quant.kernels import use_compiled_kernels
+        from pertoken.quant.qlinear import gemm_backend, use_gemm
 
         for name, model_fn in subjects:
             model = model_fn()
             compiled = use_compiled_kernels("compiled kernels" in name)
+            use_gemm("int_mm" if name.endswith("int_mm)") else "onednn")
             try:
                 row = {"name": name, "threads": torch.get_num_threads(),
-                       "compiled_kernels": compiled, "weight_mb": tensor_bytes(model) / 1e6,
-                       **speed(model, prompt, args.repeats, args.decode_steps)}
+                       "compiled_kernels": compiled, "gemm": gemm_backend(prompt.device),
+                       "weight_mb": tensor_bytes(model) / 1e6,
+                       **speed(model, prompt, args.repeats, args.decode_steps),
+                       "packed_mb": packed_bytes(model) / 1e6}
             finally:
                 use_compiled_kernels(False)
+                use_gemm("onednn")
             log.info("%s: %s", name, row)
             speed_rows.append(row)
             del model
@@ -412,9 +442,9 @@ def main() -> None:
                                               ["item", "value"])]
     if speed_rows:
         md += ["## Speed and size\n", markdown_table(speed_rows, [
-            "name", "threads", "prefill_tok_s", "prefill_vs_fp32", "prefill_vs_bf16",
+            "name", "threads", "gemm", "prefill_tok_s", "prefill_vs_fp32", "prefill_vs_bf16",
             "prefill_all_logits_tok_s", "all_logits_vs_fp32", "all_logits_vs_bf16",
-            "decode_ms_per_token", "weight_mb", "weight_vs_fp32"])]
+            "decode_ms_per_token", "weight_mb", "weight_vs_fp32", "packed_mb"])]
     if kernels:
         md += ["## Per-linear ms\n", markdown_table(kernels, list(kernels[0]))]
     write_results(Path(args.results_dir), "quant", result, "\n".join(md))
@@ -446,7 +476,8 @@ def summary(rows: list[dict], speed_rows: list[dict], corpora: list[str]) -> dic
         if row["name"].startswith("outliertune"):
             tag = ("ot_head" if "-head-" in row["name"] else "ot") + \
                 ("_sym" if "rtn_sym" in row["name"] else "") + \
-                ("_compiled" if row.get("compiled_kernels") else "")
+                ("_compiled" if row.get("compiled_kernels") else "") + \
+                ("_int_mm" if row.get("gemm") == "int_mm" else "")
             out[f"{tag}_prefill_vs_fp32"] = row["prefill_vs_fp32"]
             out[f"{tag}_prefill_vs_bf16"] = row["prefill_vs_bf16"]
             out[f"{tag}_all_logits_vs_fp32"] = row["all_logits_vs_fp32"]

@@ -376,3 +376,50 @@ def test_a_group_quantizes_its_shared_input_once_with_the_same_outputs(tmp_path)
     with torch.no_grad():
         again(input_ids=ids)
     assert all(c._input is None and c._value is None for c in caches.values())
+
+
+@pytest.mark.parametrize("family,weights", [("llama", "rtn_asym"), ("llama", "rtn_sym"),
+                                            ("opt", "rtn_asym")])
+def test_the_onednn_backend_runs_groups_as_one_gemm_with_the_int_mm_logits(family, weights):
+    from pertoken.quant import qlinear
+
+    if not qlinear.onednn_available():
+        pytest.skip("oneDNN's quantized linear is not available here")
+    if family == "llama":
+        model, _ = tiny_llama(hidden_size=64, intermediate_size=128)
+    else:
+        model = _tiny_opt()
+    quantize_model(model, _batches(), QuantConfig(weights=weights), progress=False)
+    ids = torch.randint(4, 200, (2, 24), generator=_gen(9))
+    calls = []
+    original = qlinear.OnednnWeights.__call__
+
+    def counting(self, codes, token_scale):
+        calls.append(len(self.splits))
+        return original(self, codes, token_scale)
+
+    before = qlinear._gemm["backend"]
+    qlinear.OnednnWeights.__call__ = counting
+    try:
+        with torch.no_grad():
+            qlinear.use_gemm("int_mm")
+            want = model(input_ids=ids).logits
+            qlinear.use_gemm("onednn")
+            got = model(input_ids=ids).logits
+            # new weights in a member's buffers are picked up (the packed copy is rebuilt)
+            layer = next(m for m in model.modules() if isinstance(m, QuantLinear) and m.shared)
+            layer.weight_t.copy_(-layer.weight_t.clamp(min=-127))
+            changed = model(input_ids=ids).logits
+            qlinear.use_gemm("int_mm")
+            changed_want = model(input_ids=ids).logits
+    finally:
+        qlinear.OnednnWeights.__call__ = original
+        qlinear._gemm["backend"] = before
+    scale = want.abs().max().item()
+    assert (got - want).abs().max() < 1e-4 * scale
+    assert (changed - changed_want).abs().max() < 1e-4 * scale
+    assert (changed - want).abs().max() > 1e-2 * scale
+    groups = [n for n in calls[:len(calls) // 2]]
+    # llama: q/k/v as one GEMM, o, gate/up as one, down; OPT: q/k/v, out, fc1, fc2
+    expected = [3, 1, 2, 1] if family == "llama" else [3, 1, 1, 1]
+    assert groups == expected * 2, groups

@@ -58,3 +58,46 @@ def test_a_quantized_linear_gives_the_same_outputs_on_compiled_kernels():
     finally:
         kernels.use_compiled_kernels(False)
     assert torch.allclose(fused, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_norm_and_mlp_blocks_match_the_unfused_model(tmp_path):
+    """The fused RMSNorm (norm and group codes in one loop) and MLP (SwiGLU's product and
+    down_proj's per-token quantizer in one loop) give the unfused model's logits, survive a
+    reload, and the fused norm's codes replace the group's own quantizer call."""
+    from pertoken.models import tiny_llama
+    from pertoken.quant import qlinear
+    from pertoken.quant.convert import QuantConfig, quantize_model
+    from pertoken.quant.io import load, save_quantized
+
+    if not qlinear.onednn_available():
+        pytest.skip("the fused MLP runs on oneDNN's quantized linear")
+    model, tokenizer = tiny_llama(hidden_size=64, intermediate_size=128)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(4, 200, (2, 24), generator=g) for _ in range(4)]
+    quantize_model(model, batches, QuantConfig(), progress=False)
+    save_quantized(model, tokenizer, tmp_path / "q", {})
+    again, _ = load(tmp_path / "q")
+    layer = again.model.layers[0]
+    assert "forward" in vars(layer.input_layernorm) and "forward" in vars(layer.mlp)
+    ids = torch.randint(4, 200, (2, 24), generator=g)
+    with torch.no_grad():
+        want = again(input_ids=ids).logits
+    calls = []
+    original = QuantLinear.codes
+
+    def counting(self, x):
+        calls.append(self)
+        return original(self, x)
+
+    assert kernels.use_compiled_kernels(True)
+    QuantLinear.codes = counting
+    try:
+        with torch.no_grad():
+            got = again(input_ids=ids).logits
+    finally:
+        QuantLinear.codes = original
+        kernels.use_compiled_kernels(False)
+    assert (got - want).abs().max() < 1e-3 * want.abs().max(), (got - want).abs().max()
+    # per layer only o_proj quantizes its input itself (q/k/v and gate/up get the norm's
+    # codes, down_proj's come from the fused MLP)
+    assert len(calls) == 2 and all(c.out_features == 64 and c.act == "per-token" for c in calls)

@@ -134,7 +134,7 @@ def add_commands(commands, parser_class, positive_int) -> None:
                    help="OutlierTune without the symmetrizing shift (the ablation)")
     p.add_argument("--shift-mode", default="mean", choices=["mean", "global"])
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength")
-    p.add_argument("--dynamic-alpha", default="0.5",
+    p.add_argument("--dynamic-alpha", default="0.6",
                    help="OutlierTune: migrate the o_proj/down_proj inputs' outlier channels at "
                    "this alpha, folded into v_proj/up_proj; 'off' keeps plain per-token inputs")
     p.add_argument("--weights", default="rtn_asym", choices=list(WEIGHT_QUANTIZERS),

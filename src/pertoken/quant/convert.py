@@ -18,6 +18,7 @@ from torch import nn
 
 from pertoken.errors import UserError
 from pertoken.quant.observers import observe_inputs
+from pertoken.quant.fused import link_fused_blocks
 from pertoken.quant.qlinear import QuantEmbedding, QuantLinear, link_shared_codes
 from pertoken.quant.quantizers import QuantizedWeight, quantize_weight
 
@@ -44,7 +45,7 @@ class QuantConfig:
     decoder layers, on the calibration batches)"""
     smooth_alpha: float = 0.5
     """SmoothQuant's migration strength alpha"""
-    dynamic_alpha: float | None = 0.5
+    dynamic_alpha: float | None = 0.6
     """OutlierTune only: also migrate the per-token inputs' channel outliers (``o_proj``,
     ``down_proj``) with SmoothQuant's factors at this alpha, folded exactly into the rows of the
     linear that produces them (``v_proj``, ``up_proj``). A pertoken addition (on SmolLM2 the
@@ -370,6 +371,7 @@ def quantize_model(model: nn.Module, batches: Iterable[torch.Tensor], cfg: Quant
         for name, plan in plans.items():
             replace_linear(model, name, plan.build(_weight(plan.weight, cfg), cfg))
     link_shared_codes(model)
+    link_fused_blocks(model)
     if cfg.head:
         quantize_head(model)
     log.info("%s W%dA%d: %d linears quantized (%d calibrated groups)", cfg.method, cfg.w_bits,

@@ -18,6 +18,7 @@ from torch import nn
 from pertoken.atomic import atomic_path, write_json_atomic
 from pertoken.errors import UserError
 from pertoken.quant.convert import replace_linear
+from pertoken.quant.fused import link_fused_blocks
 from pertoken.quant.qlinear import QuantEmbedding, QuantLinear, link_shared_codes
 from pertoken.quant.quantizers import QuantizedWeight, pack_int6, unpack_int6
 
@@ -145,6 +146,7 @@ def load(path: str | Path, dtype: torch.dtype | str = torch.float32):
     if tied:
         model.tie_weights()
     link_shared_codes(model)
+    link_fused_blocks(model)
     for param in model.parameters():  # QuantLinear holds buffers only
         param.data = param.data.to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True) \

@@ -55,6 +55,20 @@ def _per_token(x, lo: int, hi: int):
     return (x / scale[:, None]).clamp(lo, hi).round().to(torch.int8), scale
 
 
+def _rms_norm_static(x, weight, eps: float, inv_scale, shift, lo: int, hi: int):
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * y
+    return y, _static(y, inv_scale, shift, lo, hi)
+
+
+def _silu_mul_per_token(gate_up, inv_scale, lo: int, hi: int):
+    half = gate_up.shape[-1] // 2
+    h = torch.nn.functional.silu(gate_up[:, :half]) * gate_up[:, half:]
+    if inv_scale is not None:
+        h = h * inv_scale
+    return _per_token(h, lo, hi)
+
+
 def _epilogue(acc, token_scale, weight_scale, bias):
     y = acc.float()
     if token_scale is not None:
@@ -79,6 +93,22 @@ def static_codes(x: torch.Tensor, inv_scale: torch.Tensor, bits: int,
 def per_token_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`pertoken.quant.quantizers.per_token_codes`, fused."""
     return _compiled("per_token", _per_token)(x, *code_range(bits))
+
+
+def rms_norm_static_codes(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                          inv_scale: torch.Tensor, bits: int,
+                          shift: torch.Tensor | None = None):
+    """A Llama RMSNorm of ``x`` (tokens, d) in float32 and the static codes of its output, in
+    one fused pass: ``(y, static_codes(y, inv_scale, bits, shift))``."""
+    return _compiled("rms_static", _rms_norm_static)(x, weight, eps, inv_scale, shift,
+                                                     *code_range(bits))
+
+
+def silu_mul_per_token_codes(gate_up: torch.Tensor, inv_scale: torch.Tensor | None, bits: int):
+    """SwiGLU's product ``silu(gate) * up`` (times ``inv_scale``, SmoothQuant's migration) of
+    the side-by-side ``[gate | up]`` outputs, quantized per token, fused:
+    ``per_token_codes(silu(g) * u * inv_scale, bits)``."""
+    return _compiled("silu_mul", _silu_mul_per_token)(gate_up, inv_scale, *code_range(bits))
 
 
 def epilogue(acc: torch.Tensor, token_scale: torch.Tensor | None, weight_scale: torch.Tensor,

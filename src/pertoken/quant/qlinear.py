@@ -17,9 +17,22 @@ narrower asymmetric weights store ``codes - zero`` directly. Any number of token
 including one; on CUDA the operands are padded to what ``_int_mm`` accepts there. With
 :func:`pertoken.quant.kernels.use_compiled_kernels` the quantizers and the epilogue run as
 fused compiled loops.
+
+GEMM backends (:func:`use_gemm`, ``PERTOKEN_QUANT_GEMM``): on CPU the default is oneDNN's
+quantized linear (``torch.ops.onednn.qlinear_pointwise``, the kernel behind inductor's x86
+int8 path), which runs u8 x s8 -> s32 on prepacked weights with the per-output-channel
+dequantization and the bias fused into the GEMM, and computes the members of a linked group
+(``q/k/v``, ``gate/up``) as one wider GEMM. The activation codes are handed to it as unsigned
+bytes with zero point 128 (a sign-bit flip of the int8 codes, exact). oneDNN ignores weight
+zero points, so an asymmetric 8-bit weight's ``rowsum(x) * zero`` term is applied after it as a
+float rank-one update. ``int_mm`` (``torch._int_mm`` plus the epilogue) is the reference, and
+what runs on other devices.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 from torch import nn
@@ -29,6 +42,99 @@ from pertoken.quant import kernels
 from pertoken.quant.quantizers import QuantizedWeight, per_token_codes, static_codes
 
 ACT_MODES = ("static", "per-token", "none")
+GEMM_BACKENDS = ("onednn", "int_mm")
+_gemm = {"backend": os.environ.get("PERTOKEN_QUANT_GEMM", "onednn")}
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether oneDNN's quantized linear runs here, exactly (checked once on a small case
+    against ``torch._int_mm``)."""
+    try:
+        if not (torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+            return False
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randint(-128, 128, (3, 40), dtype=torch.int8, generator=gen)
+        w = torch.randint(-128, 128, (24, 40), dtype=torch.int8, generator=gen)
+        got = _onednn_linear(a, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(24), None)
+        return torch.equal(got, torch._int_mm(a, w.t().contiguous()).float())
+    except Exception:  # an op missing or refusing in this build: fall back to _int_mm
+        return False
+
+
+def use_gemm(backend: str) -> None:
+    """Choose the integer GEMM of every :class:`QuantLinear` on CPU: ``onednn`` (the default,
+    when available) or ``int_mm``."""
+    if backend not in GEMM_BACKENDS:
+        raise UserError(f"unknown GEMM backend {backend!r}: choose {' or '.join(GEMM_BACKENDS)}")
+    _gemm["backend"] = backend
+
+
+def gemm_backend(device: torch.device) -> str:
+    """The backend that runs on ``device`` now."""
+    if device.type == "cpu" and _gemm["backend"] == "onednn" and onednn_available():
+        return "onednn"
+    return "int_mm"
+
+
+def _onednn_linear(codes: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """``(codes @ W^T) * scale + bias`` in float32 for int8 ``codes`` and a prepacked int8
+    ``W``: the codes go in as ``codes + 128`` (flipping the sign bit) with zero point 128."""
+    unsigned = codes.view(torch.uint8).bitwise_xor(128)
+    zeros = torch.zeros(scale.numel(), dtype=torch.int32)
+    return torch.ops.onednn.qlinear_pointwise(unsigned, 1.0, 128, packed, scale, zeros, bias,
+                                              1.0, 0, torch.float32, "none", [], "")
+
+
+class OnednnWeights:
+    """The prepacked weights of one :class:`QuantLinear` or of a group's members side by side
+    (one GEMM for all), with their scales, zero-point terms and biases concatenated. Rebuilt
+    whenever a member's buffers change (a ``load_state_dict``, say)."""
+
+    def __init__(self, layers: list[QuantLinear]) -> None:
+        self.key = self.key_of(layers)
+        weight = torch.cat([m.weight_t for m in layers], dim=1).t().contiguous()
+        self.packed = torch.ops.onednn.qlinear_prepack(weight, None)
+        self.scale = torch.cat([m.weight_scale for m in layers])
+        self.zero_scale = None
+        if any(m.weight_zero.numel() for m in layers):
+            self.zero_scale = torch.cat([
+                m.weight_zero.float() * m.weight_scale if m.weight_zero.numel()
+                else torch.zeros(m.out_features) for m in layers])
+        self.bias = None
+        if any(m.bias.numel() for m in layers):
+            self.bias = torch.cat([m.bias if m.bias.numel() else torch.zeros(m.out_features)
+                                   for m in layers])
+        self.splits = [m.out_features for m in layers]
+
+    @staticmethod
+    def key_of(layers: list[QuantLinear]) -> tuple:
+        return tuple((t.data_ptr(), t._version) for m in layers
+                     for t in (m.weight_t, m.weight_scale, m.weight_zero, m.bias))
+
+    def __call__(self, codes: torch.Tensor, token_scale: torch.Tensor | None) -> torch.Tensor:
+        """The float32 outputs (tokens, sum of out_features) for int8 ``codes``."""
+        static = token_scale is None
+        y = _onednn_linear(codes, self.packed, self.scale, self.bias if static else None)
+        if self.zero_scale is not None:
+            y.addr_(codes.sum(dim=1, dtype=torch.int32).float(), self.zero_scale, alpha=-1)
+        if not static:
+            y.mul_(token_scale[:, None])
+            if self.bias is not None:
+                y.add_(self.bias)
+        return y
+
+
+def _onednn_weights(owner, layers: list[QuantLinear]) -> OnednnWeights:
+    """``owner``'s cached :class:`OnednnWeights` for ``layers``, rebuilt if stale."""
+    cached = getattr(owner, "_onednn", None)
+    if cached is None or cached.key != OnednnWeights.key_of(layers):
+        with torch.inference_mode(False), torch.no_grad():
+            cached = OnednnWeights(layers)
+        owner._onednn = cached
+    return cached
 
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor, pad: bool | None = None) -> torch.Tensor:
@@ -54,12 +160,28 @@ class SharedCodes:
     """Activation codes computed once for the linears of a group that read the same input
     with the same quantizer (``q/k/v``, ``gate/up``): the first member to see an input tensor
     quantizes it, the others reuse the codes for that very tensor object, and the cache lets
-    go once every member has read it (so nothing outlives a forward pass)."""
+    go once every member has read it (so nothing outlives a forward pass). On the oneDNN
+    backend what is shared is the output of one GEMM over all members' weights, which each
+    member slices."""
 
-    def __init__(self, members: int) -> None:
-        self.members = members
+    def __init__(self, members: int | list[QuantLinear]) -> None:
+        self.layers = members if isinstance(members, list) else []
+        self.members = len(members) if isinstance(members, list) else members
         self._input = self._value = None
         self._reads = 0
+        self._primed_input = self._primed_codes = None
+
+    def prime(self, x: torch.Tensor, codes: torch.Tensor) -> None:
+        """Codes of ``x`` computed ahead, by a fused norm (see :mod:`pertoken.quant.fused`):
+        the group uses them, once, instead of quantizing ``x`` itself."""
+        self._primed_input, self._primed_codes = x, codes
+
+    def take_primed(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self._primed_input is not x:
+            return None
+        codes = self._primed_codes
+        self._primed_input = self._primed_codes = None
+        return codes
 
     def get(self, x: torch.Tensor, compute):
         if self._input is not x:
@@ -84,7 +206,7 @@ def link_shared_codes(model: nn.Module) -> int:
         same = all(torch.equal(m.inv_scale, first.inv_scale) and torch.equal(m.shift, first.shift)
                    and m.a_bits == first.a_bits for m in members)
         if len(members) > 1 and same:
-            cache = SharedCodes(len(members))
+            cache = SharedCodes(members)
             for m in members:
                 m.shared = cache
             linked += 1
@@ -163,14 +285,40 @@ class QuantLinear(nn.Module):
             y = nn.functional.linear(flat, self.dequantized_weight(),
                                      self.bias if self.bias.numel() else None)
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if gemm_backend(flat.device) == "onednn":
+            y = self._onednn_forward(x, flat)
+            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if self.shared is not None:
-            codes, token_scale = self.shared.get(x, lambda: self.codes(flat))
+            codes, token_scale = self.shared.get(x, lambda: self.input_codes(x, flat))
         else:
             codes, token_scale = self.codes(flat)
         finish = kernels.epilogue if kernels.compiled_kernels_on() else epilogue
         y = finish(self.accumulate(codes), token_scale, self.weight_scale,
                    self.bias if self.bias.numel() else None)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+    def input_codes(self, x: torch.Tensor, flat: torch.Tensor):
+        """:meth:`codes` of ``flat`` (``x`` as a float matrix), or the codes a fused norm
+        primed the group with for ``x``."""
+        primed = self.shared.take_primed(x) if self.shared is not None else None
+        return (primed, None) if primed is not None else self.codes(flat)
+
+    def _onednn_forward(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        group = self.shared
+        if group is None or not group.layers:
+            return _onednn_weights(self, [self])(*self.codes(flat))
+
+        def fused():
+            return _onednn_weights(group, group.layers)(*self.input_codes(x, flat))
+
+        full = group.get(x, fused)
+        start = 0
+        for member in group.layers:
+            if member is self:
+                break
+            start += member.out_features
+        return full[:, start:start + self.out_features]
 
 
 def epilogue(acc: torch.Tensor, token_scale: torch.Tensor | None, weight_scale: torch.Tensor,
