@@ -167,10 +167,15 @@ def _train(args) -> int:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         torch.distributed.init_process_group("gloo")
+    finished = False
     try:
         summary = train_sae(store, args.output, sae_cfg, cfg, resume=args.resume)
+        finished = True
     finally:
         if distributed:
+            if finished:  # every rank done with its collectives before any pair closes
+                # (a peer's socket closing under gloo's threads aborted the other rank)
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         final = summary["final"]
