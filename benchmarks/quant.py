@@ -204,25 +204,66 @@ def _median_ms(fn, repeats: int, warmup: int = 1) -> float:
     return 1000 * statistics.median(times)
 
 
-def speed(model, prompt: torch.Tensor, repeats: int, decode_steps: int) -> dict:
-    """Prefill ms for ``prompt`` (1, T) with next-token logits and with all logits, and the
-    median ms of a one-token decode step after a 128-token prompt."""
-    last = _median_ms(lambda: model(input_ids=prompt, logits_to_keep=1), repeats)
-    full = _median_ms(lambda: model(input_ids=prompt), repeats)
-    steps = []
+def timings(model, prompt: torch.Tensor, decode_steps: int) -> dict:
+    """One round: prefill ms for ``prompt`` (1, T) with next-token logits and with all logits,
+    and the median ms of a one-token decode step after a 128-token prompt."""
     with torch.inference_mode():
-        for _ in range(repeats):
-            out = model(input_ids=prompt[:, :128], use_cache=True, logits_to_keep=1)
+        t0 = time.perf_counter()
+        model(input_ids=prompt, logits_to_keep=1)
+        last = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model(input_ids=prompt)
+        full = time.perf_counter() - t0
+        out = model(input_ids=prompt[:, :128], use_cache=True, logits_to_keep=1)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        steps = []
+        for _ in range(decode_steps):
+            t0 = time.perf_counter()
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            steps.append(time.perf_counter() - t0)
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            for _ in range(decode_steps):
-                t0 = time.perf_counter()
-                out = model(input_ids=token, past_key_values=past, use_cache=True)
-                steps.append(time.perf_counter() - t0)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    tokens = prompt.shape[1]
-    return {"prefill_ms": last, "prefill_tok_s": tokens / last * 1000,
-            "prefill_all_logits_ms": full, "prefill_all_logits_tok_s": tokens / full * 1000,
+    return {"prefill_ms": 1000 * last, "prefill_all_logits_ms": 1000 * full,
             "decode_ms_per_token": 1000 * statistics.median(steps)}
+
+
+def interleaved_speed(subjects: list[dict], prompt: torch.Tensor, repeats: int,
+                      decode_steps: int) -> None:
+    """Time every subject once per round, the rounds interleaving the subjects (so a slow
+    spell of the machine hits them all alike); fill each subject's row with the medians over
+    rounds, and its speed ratios to fp32 and bf16 as the median of the per-round ratios."""
+    from pertoken.quant.kernels import use_compiled_kernels
+    from pertoken.quant.qlinear import use_gemm
+
+    rounds = []
+    for r in range(repeats + 1):  # round 0 warms up (and packs and compiles)
+        times = {}
+        for sub in subjects:
+            use_compiled_kernels(sub["row"]["compiled_kernels"])
+            use_gemm(sub["row"]["gemm"])
+            try:
+                times[sub["row"]["name"]] = timings(sub["model"], prompt, decode_steps)
+            finally:
+                use_compiled_kernels(False)
+                use_gemm("onednn")
+        if r:
+            rounds.append(times)
+        log.info("speed round %d/%d: %s", r, repeats,
+                 {k: round(v["prefill_ms"]) for k, v in times.items()})
+    tokens = prompt.shape[1]
+    for sub in subjects:
+        row, name = sub["row"], sub["row"]["name"]
+        for key in ("prefill_ms", "prefill_all_logits_ms", "decode_ms_per_token"):
+            row[key] = statistics.median(t[name][key] for t in rounds)
+        row["prefill_tok_s"] = tokens / row["prefill_ms"] * 1000
+        row["prefill_all_logits_tok_s"] = tokens / row["prefill_all_logits_ms"] * 1000
+        for base in ("fp32", "bf16"):
+            row[f"prefill_vs_{base}"] = statistics.median(
+                t[base]["prefill_ms"] / t[name]["prefill_ms"] for t in rounds)
+            row[f"all_logits_vs_{base}"] = statistics.median(
+                t[base]["prefill_all_logits_ms"] / t[name]["prefill_all_logits_ms"]
+                for t in rounds)
+        row["decode_vs_fp32"] = statistics.median(
+            t["fp32"]["decode_ms_per_token"] / t[name]["decode_ms_per_token"] for t in rounds)
 
 
 def kernel_rows(repeats: int) -> list[dict]:
@@ -368,6 +409,9 @@ def main() -> None:
                 break
         prompt = torch.tensor([stream[:512]])
         rest = args.rest_dtype
+        from pertoken.quant.kernels import use_compiled_kernels
+        from pertoken.quant.qlinear import onednn_available
+
         timed = [r for r in runs if r.w_bits == 8 and r.shift and r.dynamic_alpha is not None
                  and r.method in ("outliertune", "smoothquant", "per-token")]
         subjects = [("fp32", lambda: load_model(DEFAULT_MODEL, dtype="float32")[0]),
@@ -383,34 +427,24 @@ def main() -> None:
             if run == Run("outliertune"):  # the previous GEMM path, as an ablation
                 subjects.append((f"{run.name} ({rest} rest, int_mm)",
                                  lambda folder=folder: load(folder, dtype=rest)[0]))
-        from pertoken.quant.kernels import use_compiled_kernels
-        from pertoken.quant.qlinear import gemm_backend, use_gemm
-
+        loaded = []
         for name, model_fn in subjects:
             model = model_fn()
-            compiled = use_compiled_kernels("compiled kernels" in name)
-            use_gemm("int_mm" if name.endswith("int_mm)") else "onednn")
-            try:
-                row = {"name": name, "threads": torch.get_num_threads(),
-                       "compiled_kernels": compiled, "gemm": gemm_backend(prompt.device),
-                       "weight_mb": tensor_bytes(model) / 1e6,
-                       **speed(model, prompt, args.repeats, args.decode_steps),
-                       "packed_mb": packed_bytes(model) / 1e6}
-            finally:
-                use_compiled_kernels(False)
-                use_gemm("onednn")
-            log.info("%s: %s", name, row)
+            int_mm = name.endswith("int_mm)")
+            loaded.append({"model": model, "row": {
+                "name": name, "threads": torch.get_num_threads(),
+                "compiled_kernels": "compiled kernels" in name and use_compiled_kernels(True),
+                "gemm": "int_mm" if int_mm or not onednn_available() else "onednn",
+                "weight_mb": tensor_bytes(model) / 1e6}})
+            use_compiled_kernels(False)
+        interleaved_speed(loaded, prompt, args.repeats, args.decode_steps)
+        for sub in loaded:
+            row = sub["row"]
+            row["packed_mb"] = packed_bytes(sub["model"]) / 1e6
+            row["weight_vs_fp32"] = row["weight_mb"] / loaded[0]["row"]["weight_mb"]
+            log.info("%s: %s", row["name"], row)
             speed_rows.append(row)
-            del model
-        base = {r["name"]: r for r in speed_rows}
-        for row in speed_rows:
-            row["prefill_vs_fp32"] = row["prefill_tok_s"] / base["fp32"]["prefill_tok_s"]
-            row["prefill_vs_bf16"] = row["prefill_tok_s"] / base["bf16"]["prefill_tok_s"]
-            row["all_logits_vs_fp32"] = (row["prefill_all_logits_tok_s"]
-                                         / base["fp32"]["prefill_all_logits_tok_s"])
-            row["all_logits_vs_bf16"] = (row["prefill_all_logits_tok_s"]
-                                         / base["bf16"]["prefill_all_logits_tok_s"])
-            row["weight_vs_fp32"] = row["weight_mb"] / base["fp32"]["weight_mb"]
+        del loaded
 
     kernels = [] if "kernels" in skip else kernel_rows(max(args.repeats, 25))
 
@@ -421,8 +455,11 @@ def main() -> None:
                   f"in turn) after save and load; calibration on {args.calib} (train splits, "
                   f"512 tokens per sequence); weights rtn_asym at 8 bits, GPTQ "
                   f"below; the embedding stored in bf16. Speed at {args.threads} thread(s), "
-                  f"medians of {args.repeats} runs, one 512-token wiki-en prompt; quantized "
-                  f"models keep the rest in {args.rest_dtype}."),
+                  f"one 512-token wiki-en prompt, all models loaded and timed in turn in each "
+                  f"of {args.repeats} rounds (after a warm-up round): medians over rounds, "
+                  f"speed ratios the median of each round's ratio; quantized models keep the "
+                  f"rest in {args.rest_dtype}; packed_mb is the prepacked copy of the int8 "
+                  f"weights that oneDNN runs on, held next to the saved buffers."),
               "environment": {**environment(), **cpu_features()}, "perplexity": rows, "speed": speed_rows,
               "kernels": kernels}
     if rows:
@@ -444,7 +481,7 @@ def main() -> None:
         md += ["## Speed and size\n", markdown_table(speed_rows, [
             "name", "threads", "gemm", "prefill_tok_s", "prefill_vs_fp32", "prefill_vs_bf16",
             "prefill_all_logits_tok_s", "all_logits_vs_fp32", "all_logits_vs_bf16",
-            "decode_ms_per_token", "weight_mb", "weight_vs_fp32", "packed_mb"])]
+            "decode_ms_per_token", "decode_vs_fp32", "weight_mb", "weight_vs_fp32", "packed_mb"])]
     if kernels:
         md += ["## Per-linear ms\n", markdown_table(kernels, list(kernels[0]))]
     write_results(Path(args.results_dir), "quant", result, "\n".join(md))

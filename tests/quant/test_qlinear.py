@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from pertoken.errors import UserError
 from pertoken.quant import qlinear
 from pertoken.quant.qlinear import QuantLinear, epilogue, int_matmul
 from pertoken.quant.quantizers import per_token_codes, quantize_weight, static_codes
@@ -51,15 +52,16 @@ def test_the_epilogue_is_the_float64_formula_to_float32_rounding(per_token, bias
 @pytest.fixture
 def gemm():
     """Run a test on one GEMM backend, and restore the default afterwards."""
-    before = qlinear._gemm["backend"]
+    before, min_tokens = qlinear._gemm["backend"], qlinear.ONEDNN_MIN_TOKENS
 
     def choose(backend):
         if backend == "onednn" and not qlinear.onednn_available():
             pytest.skip("oneDNN's quantized linear is not available here")
         qlinear.use_gemm(backend)
+        qlinear.ONEDNN_MIN_TOKENS = 1  # every token count on the chosen backend
 
     yield choose
-    qlinear._gemm["backend"] = before
+    qlinear._gemm["backend"], qlinear.ONEDNN_MIN_TOKENS = before, min_tokens
 
 
 @pytest.mark.parametrize("backend", ["int_mm", "onednn"])
@@ -126,3 +128,15 @@ def test_per_token_w8a8_agrees_with_torchao_dynamic_int8():
     assert cos > 0.9999, cos
     assert (got - exact).norm() < 0.05 * exact.norm()
     assert torchao.__version__
+
+
+def test_decoding_sized_inputs_take_int_mm_and_prefills_take_onednn(gemm):
+    gemm("onednn")
+    qlinear.ONEDNN_MIN_TOKENS = 16
+    cpu = torch.device("cpu")
+    assert qlinear.gemm_backend(cpu, 1) == qlinear.gemm_backend(cpu, 15) == "int_mm"
+    assert qlinear.gemm_backend(cpu, 16) == qlinear.gemm_backend(cpu) == "onednn"
+    qlinear.use_gemm("int_mm")
+    assert qlinear.gemm_backend(cpu, 512) == "int_mm"
+    with pytest.raises(UserError):
+        qlinear.use_gemm("fbgemm")

@@ -48,7 +48,7 @@ def _mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate, down = mlp.gate_proj, mlp.down_proj
     group = gate.shared
     if not (kernels.compiled_kernels_on() and x.dtype == torch.float32
-            and gemm_backend(x.device) == "onednn"):
+            and gemm_backend(x.device, x.numel() // x.shape[-1]) == "onednn"):
         return type(mlp).forward(mlp, x)
     flat = x.reshape(-1, gate.in_features)
     gate_up = _onednn_weights(group, group.layers)(*gate.input_codes(x, flat))

@@ -71,19 +71,26 @@ def use_gemm(backend: str) -> None:
     _gemm["backend"] = backend
 
 
-def gemm_backend(device: torch.device) -> str:
-    """The backend that runs on ``device`` now."""
-    if device.type == "cpu" and _gemm["backend"] == "onednn" and onednn_available():
+ONEDNN_MIN_TOKENS = 16
+"""below this many tokens (decoding) ``torch._int_mm`` is faster on CPU than oneDNN's call"""
+
+
+def gemm_backend(device: torch.device, tokens: int | None = None) -> str:
+    """The backend that runs on ``device`` now, for ``tokens`` rows if given."""
+    if (device.type == "cpu" and _gemm["backend"] == "onednn"
+            and (tokens is None or tokens >= ONEDNN_MIN_TOKENS) and onednn_available()):
         return "onednn"
     return "int_mm"
 
 
 def _onednn_linear(codes: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
+                   bias: torch.Tensor | None, zeros: torch.Tensor | None = None) -> torch.Tensor:
     """``(codes @ W^T) * scale + bias`` in float32 for int8 ``codes`` and a prepacked int8
-    ``W``: the codes go in as ``codes + 128`` (flipping the sign bit) with zero point 128."""
+    ``W``: the codes go in as ``codes + 128`` (flipping the sign bit, in place on a copy's
+    bytes) with zero point 128; ``zeros`` are the weight zero points oneDNN wants (all 0)."""
     unsigned = codes.view(torch.uint8).bitwise_xor(128)
-    zeros = torch.zeros(scale.numel(), dtype=torch.int32)
+    if zeros is None:
+        zeros = torch.zeros(scale.numel(), dtype=torch.int32)
     return torch.ops.onednn.qlinear_pointwise(unsigned, 1.0, 128, packed, scale, zeros, bias,
                                               1.0, 0, torch.float32, "none", [], "")
 
@@ -108,16 +115,23 @@ class OnednnWeights:
             self.bias = torch.cat([m.bias if m.bias.numel() else torch.zeros(m.out_features)
                                    for m in layers])
         self.splits = [m.out_features for m in layers]
+        self.zeros = torch.zeros(sum(self.splits), dtype=torch.int32)
 
     @staticmethod
     def key_of(layers: list[QuantLinear]) -> tuple:
-        return tuple((t.data_ptr(), t._version) for m in layers
-                     for t in (m.weight_t, m.weight_scale, m.weight_zero, m.bias))
+        key = []
+        for m in layers:
+            buffers = m._buffers
+            for name in ("weight_t", "weight_scale", "weight_zero", "bias"):
+                t = buffers[name]
+                key += (t.data_ptr(), t._version)
+        return tuple(key)
 
     def __call__(self, codes: torch.Tensor, token_scale: torch.Tensor | None) -> torch.Tensor:
         """The float32 outputs (tokens, sum of out_features) for int8 ``codes``."""
         static = token_scale is None
-        y = _onednn_linear(codes, self.packed, self.scale, self.bias if static else None)
+        y = _onednn_linear(codes, self.packed, self.scale, self.bias if static else None,
+                           self.zeros)
         if self.zero_scale is not None:
             y.addr_(codes.sum(dim=1, dtype=torch.int32).float(), self.zero_scale, alpha=-1)
         if not static:
@@ -285,7 +299,7 @@ class QuantLinear(nn.Module):
             y = nn.functional.linear(flat, self.dequantized_weight(),
                                      self.bias if self.bias.numel() else None)
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        if gemm_backend(flat.device) == "onednn":
+        if gemm_backend(flat.device, flat.shape[0]) == "onednn":
             y = self._onednn_forward(x, flat)
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if self.shared is not None:
