@@ -80,7 +80,8 @@ def _runs() -> list[Run]:
     # symmetric 8-bit weights skip the zero-point term (a row sum and a rank-one update per
     # linear), which is worth timing; the head option on top of them
     runs += [Run("per-tensor", 8, 8), Run("outliertune", 6, 6, "rtn_asym"),
-             Run("outliertune", 8, 8, "rtn_sym"), Run("outliertune", 8, 8, "rtn_sym", head=True)]
+             Run("outliertune", 8, 8, "rtn_sym"), Run("outliertune", 8, 8, "rtn_sym", head=True),
+             Run("outliertune", 8, 8, "gptq_sym")]  # symmetric, with GPTQ's accuracy
     return runs
 
 
@@ -495,6 +496,7 @@ def summary(rows: list[dict], speed_rows: list[dict], corpora: list[str]) -> dic
         key = f"vs_fp32_{corpus}"
         for label, name in (("ot_w8a8", "outliertune-w8a8-rtn_asym"),
                             ("ot_w8a8_sym", "outliertune-w8a8-rtn_sym"),
+                            ("ot_w8a8_gptq_sym", "outliertune-w8a8-gptq_sym"),
                             ("ot_head_w8a8_sym", "outliertune-head-w8a8-rtn_sym"),
                             ("ot_w6a6", "outliertune-w6a6-gptq"),
                             ("ot_w6a6_rtn", "outliertune-w6a6-rtn_asym"),
@@ -513,6 +515,7 @@ def summary(rows: list[dict], speed_rows: list[dict], corpora: list[str]) -> dic
         if row["name"].startswith("outliertune"):
             tag = ("ot_head" if "-head-" in row["name"] else "ot") + \
                 ("_sym" if "rtn_sym" in row["name"] else "") + \
+                ("_gptq_sym" if "gptq_sym" in row["name"] else "") + \
                 ("_compiled" if row.get("compiled_kernels") else "") + \
                 ("_int_mm" if row.get("gemm") == "int_mm" else "")
             out[f"{tag}_prefill_vs_fp32"] = row["prefill_vs_fp32"]

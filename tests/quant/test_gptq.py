@@ -111,3 +111,23 @@ def test_sequential_gptq_quantizes_every_decoder_linear_and_beats_rtn(cfg):
         with torch.no_grad():
             errors[weights] = (model(input_ids=ids).logits - want).pow(2).mean().item()
     assert errors["gptq"] < errors["mse"], errors
+
+
+def test_symmetric_sequential_gptq_leaves_no_zero_points_and_beats_symmetric_rtn():
+    def batches():
+        g = _gen(7)
+        return [torch.randint(4, 200, (2, 32), generator=g) for _ in range(6)]
+
+    ids = torch.randint(4, 200, (4, 32), generator=_gen(8))
+    errors = {}
+    for weights in ("gptq_sym", "rtn_sym"):
+        model, _ = tiny_llama(hidden_size=64, intermediate_size=128)
+        with torch.no_grad():
+            want = model(input_ids=ids).logits
+        quantize_model(model, batches(), QuantConfig(w_bits=6, a_bits=6, weights=weights),
+                       progress=False)
+        linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        assert len(linears) == 2 * 7 and all(m.weight_zero.numel() == 0 for m in linears)
+        with torch.no_grad():
+            errors[weights] = (model(input_ids=ids).logits - want).pow(2).mean().item()
+    assert errors["gptq_sym"] < errors["rtn_sym"], errors

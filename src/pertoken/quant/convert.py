@@ -25,7 +25,7 @@ from pertoken.quant.quantizers import QuantizedWeight, quantize_weight
 log = logging.getLogger(__name__)
 
 METHODS = ("outliertune", "smoothquant", "per-token", "per-tensor", "weight-only")
-WEIGHT_QUANTIZERS = ("rtn_sym", "rtn_asym", "mse", "gptq")
+WEIGHT_QUANTIZERS = ("rtn_sym", "rtn_asym", "mse", "gptq", "gptq_sym")
 
 
 @dataclass
@@ -41,7 +41,8 @@ class QuantConfig:
     shift_mode: str = "mean"
     """``mean`` of the per-sample mid-ranges, or the ``global`` mid-range"""
     weights: str = "rtn_asym"
-    """weight rounding: ``rtn_sym``, ``rtn_asym``, ``mse`` or ``gptq`` (sequential over the
+    """weight rounding: ``rtn_sym``, ``rtn_asym``, ``mse``, ``gptq`` or ``gptq_sym`` (GPTQ on a
+    symmetric grid, so the GEMM needs no zero-point term; sequential over the
     decoder layers, on the calibration batches)"""
     smooth_alpha: float = 0.5
     """SmoothQuant's migration strength alpha"""
@@ -252,7 +253,7 @@ def _gptq_sequential(model: nn.Module, batches, plans: dict[str, _Plan], cfg: Qu
                 handle.remove()
         for name in names:
             q = gptq_quantize(plans[name].weight, hessians[plans[name].group].hessian,
-                              cfg.w_bits)
+                              cfg.w_bits, symmetric=cfg.weights == "gptq_sym")
             replace_linear(model, name, plans[name].build(_centred(q), cfg))
         with torch.inference_mode():
             outputs = []
@@ -365,7 +366,7 @@ def quantize_model(model: nn.Module, batches: Iterable[torch.Tensor], cfg: Quant
                 act = "per-token"
             plans[name] = _Plan(w, b, act, None if scale is None else 1 / scale, shift,
                                 group.linears[0])
-    if cfg.weights == "gptq":
+    if cfg.weights in ("gptq", "gptq_sym"):
         _gptq_sequential(model, batches, plans, cfg, progress)
     else:
         for name, plan in plans.items():
