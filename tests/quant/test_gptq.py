@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from pertoken.models import tiny_llama
 from pertoken.quant.convert import QuantConfig, quantize_model
@@ -89,45 +90,39 @@ def test_dead_input_channels_are_zeroed():
     assert torch.all(q.dequantize()[:, 2].abs() < q.scale / 2 + 1e-7)
 
 
-@pytest.mark.parametrize("cfg", [QuantConfig(w_bits=6, a_bits=6, weights="gptq"),
-                                 QuantConfig(method="per-token", w_bits=4, weights="gptq")])
-def test_sequential_gptq_quantizes_every_decoder_linear_and_beats_rtn(cfg):
-    from torch import nn
-
+def _quantized_logit_errors(cfg: QuantConfig, weightings) -> tuple[dict, dict]:
+    """Mean squared logit error of a tiny Llama quantized with ``cfg`` under each weight
+    rounding, and its quantized linears per rounding."""
     def batches():
         g = _gen(7)
         return [torch.randint(4, 200, (2, 32), generator=g) for _ in range(6)]
 
     ids = torch.randint(4, 200, (4, 32), generator=_gen(8))
-    errors = {}
-    for weights in ("gptq", "mse"):
+    errors, linears = {}, {}
+    for weights in weightings:
         model, _ = tiny_llama(hidden_size=64, intermediate_size=128)
         with torch.no_grad():
             want = model(input_ids=ids).logits
         quantize_model(model, batches(), QuantConfig(**{**cfg.__dict__, "weights": weights}),
                        progress=False)
-        assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 2 * 7
+        linears[weights] = [m for m in model.modules() if isinstance(m, QuantLinear)]
         assert [type(m) for m in model.modules() if isinstance(m, nn.Linear)] == [nn.Linear]
         with torch.no_grad():
             errors[weights] = (model(input_ids=ids).logits - want).pow(2).mean().item()
+    return errors, linears
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(w_bits=6, a_bits=6, weights="gptq"),
+                                 QuantConfig(method="per-token", w_bits=4, weights="gptq")])
+def test_sequential_gptq_quantizes_every_decoder_linear_and_beats_rtn(cfg):
+    errors, linears = _quantized_logit_errors(cfg, ("gptq", "mse"))
+    assert len(linears["gptq"]) == 2 * 7
     assert errors["gptq"] < errors["mse"], errors
 
 
 def test_symmetric_sequential_gptq_leaves_no_zero_points_and_beats_symmetric_rtn():
-    def batches():
-        g = _gen(7)
-        return [torch.randint(4, 200, (2, 32), generator=g) for _ in range(6)]
-
-    ids = torch.randint(4, 200, (4, 32), generator=_gen(8))
-    errors = {}
-    for weights in ("gptq_sym", "rtn_sym"):
-        model, _ = tiny_llama(hidden_size=64, intermediate_size=128)
-        with torch.no_grad():
-            want = model(input_ids=ids).logits
-        quantize_model(model, batches(), QuantConfig(w_bits=6, a_bits=6, weights=weights),
-                       progress=False)
-        linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
-        assert len(linears) == 2 * 7 and all(m.weight_zero.numel() == 0 for m in linears)
-        with torch.no_grad():
-            errors[weights] = (model(input_ids=ids).logits - want).pow(2).mean().item()
+    errors, linears = _quantized_logit_errors(QuantConfig(w_bits=6, a_bits=6),
+                                              ("gptq_sym", "rtn_sym"))
+    assert len(linears["gptq_sym"]) == 2 * 7
+    assert all(m.weight_zero.numel() == 0 for m in linears["gptq_sym"])
     assert errors["gptq_sym"] < errors["rtn_sym"], errors
