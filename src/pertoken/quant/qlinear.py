@@ -86,8 +86,8 @@ def gemm_backend(device: torch.device, tokens: int | None = None) -> str:
 def _onednn_linear(codes: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                    bias: torch.Tensor | None, zeros: torch.Tensor | None = None) -> torch.Tensor:
     """``(codes @ W^T) * scale + bias`` in float32 for int8 ``codes`` and a prepacked int8
-    ``W``: the codes go in as ``codes + 128`` (flipping the sign bit, in place on a copy's
-    bytes) with zero point 128; ``zeros`` are the weight zero points oneDNN wants (all 0)."""
+    ``W``: the codes go in as the unsigned bytes ``codes + 128`` (the sign bit flipped) with
+    zero point 128; ``zeros`` are the weight zero points oneDNN wants (all 0)."""
     unsigned = codes.view(torch.uint8).bitwise_xor(128)
     if zeros is None:
         zeros = torch.zeros(scale.numel(), dtype=torch.int32)
@@ -310,7 +310,6 @@ class QuantLinear(nn.Module):
         y = finish(self.accumulate(codes), token_scale, self.weight_scale,
                    self.bias if self.bias.numel() else None)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-
 
     def input_codes(self, x: torch.Tensor, flat: torch.Tensor):
         """:meth:`codes` of ``flat`` (``x`` as a float matrix), or the codes a fused norm
