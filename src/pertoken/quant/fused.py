@@ -72,8 +72,7 @@ def link_fused_blocks(model: nn.Module) -> int:
                   getattr(mlp, "gate_proj", None))]
         for norm, first in pairs:
             if (norm is not None and _is_rms_norm(norm) and isinstance(first, QuantLinear)
-                    and first.shared is not None and first.shared.layers
-                    and first.act == "static"):
+                    and first.shared is not None and first.act == "static"):
                 norm._pertoken_group = first.shared
                 norm.forward = types.MethodType(_norm_forward, norm)
                 fused += 1

@@ -178,9 +178,15 @@ class SharedCodes:
     backend what is shared is the output of one GEMM over all members' weights, which each
     member slices."""
 
-    def __init__(self, members: int | list[QuantLinear]) -> None:
-        self.layers = members if isinstance(members, list) else []
-        self.members = len(members) if isinstance(members, list) else members
+    def __init__(self, layers: list[QuantLinear]) -> None:
+        self.layers = layers
+        self.members = len(layers)
+        self.starts = {}
+        """each member's first column in the group's fused output, by ``id``"""
+        start = 0
+        for m in layers:
+            self.starts[id(m)] = start
+            start += m.out_features
         self._input = self._value = None
         self._reads = 0
         self._primed_input = self._primed_codes = None
@@ -319,19 +325,14 @@ class QuantLinear(nn.Module):
 
     def _onednn_forward(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         group = self.shared
-        if group is None or not group.layers:
+        if group is None:
             return _onednn_weights(self, [self])(*self.codes(flat))
 
         def fused():
             return _onednn_weights(group, group.layers)(*self.input_codes(x, flat))
 
-        full = group.get(x, fused)
-        start = 0
-        for member in group.layers:
-            if member is self:
-                break
-            start += member.out_features
-        return full[:, start:start + self.out_features]
+        start = group.starts[id(self)]
+        return group.get(x, fused)[:, start:start + self.out_features]
 
 
 def epilogue(acc: torch.Tensor, token_scale: torch.Tensor | None, weight_scale: torch.Tensor,
