@@ -240,7 +240,7 @@ def interleaved_speed(subjects: list[dict], prompt: torch.Tensor, repeats: int,
         times = {}
         for sub in subjects:
             use_compiled_kernels(sub["row"]["compiled_kernels"])
-            use_gemm(sub["row"]["gemm"])
+            use_gemm(sub["row"]["gemm"] or "onednn")
             try:
                 times[sub["row"]["name"]] = timings(sub["model"], prompt, decode_steps)
             finally:
@@ -411,7 +411,7 @@ def main() -> None:
         prompt = torch.tensor([stream[:512]])
         rest = args.rest_dtype
         from pertoken.quant.kernels import use_compiled_kernels
-        from pertoken.quant.qlinear import onednn_available
+        from pertoken.quant.qlinear import QuantLinear, onednn_available
 
         timed = [r for r in runs if r.w_bits == 8 and r.shift and r.dynamic_alpha is not None
                  and r.method in ("outliertune", "smoothquant", "per-token")]
@@ -432,10 +432,13 @@ def main() -> None:
         for name, model_fn in subjects:
             model = model_fn()
             int_mm = name.endswith("int_mm)")
+            quantized = any(isinstance(m, QuantLinear) for m in model.modules())
             loaded.append({"model": model, "row": {
                 "name": name, "threads": torch.get_num_threads(),
                 "compiled_kernels": "compiled kernels" in name and use_compiled_kernels(True),
-                "gemm": "int_mm" if int_mm or not onednn_available() else "onednn",
+                # the integer GEMM behind the QuantLinears; none for fp32, bf16 and torchao
+                "gemm": (None if not quantized
+                         else "int_mm" if int_mm or not onednn_available() else "onednn"),
                 "weight_mb": tensor_bytes(model) / 1e6}})
             use_compiled_kernels(False)
         interleaved_speed(loaded, prompt, args.repeats, args.decode_steps)

@@ -37,15 +37,16 @@ def parse_calibration(text: str) -> list[tuple[str, int]]:
     return parts
 
 
-def mixed_calibration_batches(tokenizer, parts: list[tuple[str, int]], length: int):
-    """:func:`calibration_batches` from the train split of each corpus in ``parts``, one
-    after the other (static scales must cover every kind of text the model will see)."""
+def mixed_calibration_batches(tokenizer, parts: list[tuple], length: int):
+    """:func:`calibration_batches` from the train split of each corpus in ``parts`` (pairs of
+    a corpus name, or a corpus already opened, and a token count), one after the other (static
+    scales must cover every kind of text the model will see)."""
     from pertoken.data import open_corpus
 
     batches = []
     for corpus, tokens in parts:
-        batches += calibration_batches(tokenizer, open_corpus(corpus).documents("train"),
-                                       tokens, length)
+        corpus = open_corpus(corpus) if isinstance(corpus, str) else corpus
+        batches += calibration_batches(tokenizer, corpus.documents("train"), tokens, length)
     return batches
 
 
@@ -96,10 +97,10 @@ def _quantize(args) -> int:
     check_family(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
-    for corpus, _ in parts:
-        open_corpus(corpus)  # a missing corpus fails before the model loads
+    # opened before the model loads, so that a missing corpus fails first
+    opened = [(open_corpus(corpus), count) for corpus, count in parts]
     model, tokenizer = load_model(args.model, dtype="float32")
-    batches = mixed_calibration_batches(tokenizer, parts, args.length)
+    batches = mixed_calibration_batches(tokenizer, opened, args.length)
     folded = quantize_model(model, batches, cfg)
     settings = {**asdict(cfg),
                 "calibration": {"corpus": args.calib, "split": "train", "tokens": tokens,
