@@ -5,8 +5,8 @@ import torch
 
 from pertoken.errors import UserError
 from pertoken.models import (ALIASES, DEFAULT_MODEL, convert_gguf, find_package_file, list_models,
-                             load_model, resolve, small_batch_layout, tiny_byte_tokenizer,
-                             tiny_llama)
+                             PackedLinear, load_model, mkl_packing_available, resolve,
+                             small_batch_layout, tiny_byte_tokenizer, tiny_llama)
 
 
 def test_tiny_tokenizer_round_trips_arbitrary_text():
@@ -51,6 +51,51 @@ def test_small_batch_layout_keeps_values_and_ties():
     half = tiny_llama(seed=1)[0].to(torch.bfloat16)
     small_batch_layout(half)  # left alone
     assert half.lm_head.weight.is_contiguous()
+
+
+needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="no MKL packed GEMM")
+
+
+@needs_mkl
+def test_packed_linears_equal_plain_linears_for_any_row_count():
+    model, _ = tiny_llama(seed=2)
+    plain, _ = tiny_llama(seed=2)
+    small_batch_layout(model)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is PackedLinear for m in linears)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 9, 17, 40):
+            ids = torch.randint(3, 260, (1, rows), generator=gen)
+            torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+            x = torch.randn(rows, 32, generator=gen)
+            lin = model.model.layers[0].self_attn.q_proj
+            torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight),
+                                       rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+def test_packed_linear_follows_weight_changes_and_keeps_autograd():
+    lin = torch.nn.Linear(32, 48)
+    small_batch_layout(torch.nn.Sequential(lin))
+    assert type(lin) is PackedLinear
+    x = torch.randn(5, 32)
+    with torch.inference_mode():
+        before = lin(x)
+    with torch.no_grad():
+        lin.weight.mul_(2)  # in place: same storage, new version
+    with torch.inference_mode():
+        after = lin(x)
+    torch.testing.assert_close(after, torch.nn.functional.linear(x, lin.weight, lin.bias))
+    assert not torch.allclose(before, after)
+    lin.weight = torch.nn.Parameter(torch.randn(48, 32))  # a new tensor
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    y = lin(x.requires_grad_())  # with autograd: the plain path, gradients flow
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(5, 32))
+    assert lin.weight.grad is not None
 
 
 def test_load_model_in_bfloat16_and_eager(tmp_path, tiny):

@@ -51,6 +51,28 @@ def test_greedy_speculation_is_token_identical_to_plain_and_hf_greedy(models, dr
     assert checked == 18
 
 
+@pytest.mark.parametrize("method", ["dyspec", "tree"])
+def test_greedy_speculation_stays_exact_with_small_batch_layout(method):
+    """The CLI lays models out for few-row passes (packed MKL weights for tree passes, the
+    plain kernel for one-row decoding); greedy output must not move."""
+    from pertoken.models import small_batch_layout
+
+    target, _ = tiny_llama(seed=5, num_hidden_layers=2, hidden_size=64, intermediate_size=128)
+    reference, _ = tiny_llama(seed=5, num_hidden_layers=2, hidden_size=64, intermediate_size=128)
+    draft, _ = tiny_llama(seed=6, num_hidden_layers=1, hidden_size=32, intermediate_size=64)
+    small_batch_layout(target)
+    small_batch_layout(draft)
+    rng = random.Random(1)
+    for trial in range(5):
+        prompt = [rng.randrange(4, 260) for _ in range(rng.randrange(1, 12))]
+        plain = generate(reference, None, prompt, method="ar", max_new_tokens=20).tokens
+        assert generate(target, None, prompt, method="ar", max_new_tokens=20).tokens == plain
+        for budget in (4, 16):
+            ours = generate(target, draft, prompt, method=method, budget=budget,
+                            max_new_tokens=20, seed=trial)
+            assert ours.tokens == plain, (prompt, budget)
+
+
 def test_a_draft_equal_to_the_target_gets_several_tokens_per_call():
     target, _ = tiny_llama(seed=5, num_hidden_layers=2, hidden_size=64, intermediate_size=128)
     with torch.no_grad():
