@@ -148,8 +148,9 @@ def _machine_key(name: str, model) -> str:
                         if line.startswith("model name")), cpu)
     except OSError:
         pass
-    linear = next((m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
-    layout = "" if linear is None else str(linear.stride())
+    linear = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
+    # the layout: strides, and the class (a PackedLinear runs other kernels)
+    layout = "" if linear is None else f"{linear.weight.stride()}{type(linear).__name__}"
     parts = [name, str(next(model.parameters()).dtype), str(torch.get_num_threads()),
              torch.__version__, cpu, layout]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
