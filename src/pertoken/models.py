@@ -232,7 +232,7 @@ class PackedLinear(torch.nn.Linear):
 
     A plain fp32 GEMM packs the weight again on every call, which for a handful of rows costs
     as much as the arithmetic: on SmolLM2-135M a 9-token tree pass took 2.3x the linear time of
-    a 1-token step, and about 1.4x with the packed copies. The outputs equal ``F.linear``'s
+    a 1-token step, and about 1.5x with the packed copies. The outputs equal ``F.linear``'s
     (the same MKL kernels, tested to 1e-5). The copy is rebuilt when the weight's storage or
     version changes. Made by :func:`small_batch_layout`; hand-written because neither torch nor
     transformers packs weights outside ``torch.compile``."""
@@ -283,8 +283,8 @@ def small_batch_layout(model, pack: bool = True):
     the weight itself, stored column-major: torch's fp32 GEMM for a handful of rows runs faster
     with the weight transposed in memory, while one-row decoding is no slower (measured: 8 rows
     through a 576x1536 projection, 0.29 ms against 0.56 ms). Values, shapes, tied weights and
-    ``state_dict`` keys are unchanged; only the strides differ. bf16 and other devices are left
-    alone (bf16 is slower that way). For inference: ``save_pretrained`` wants contiguous weights,
+    ``state_dict`` keys are unchanged; only the strides (and the linears' class) differ. bf16
+    and other devices are left alone (bf16 is slower that way). For inference: ``save_pretrained`` wants contiguous weights,
     so save before, or load again. Hand-written because no library exposes this layout choice.
     """
     params = list(model.parameters())
