@@ -120,6 +120,34 @@ def test_greedy_with_the_head_is_token_identical_to_plain_greedy(pair, method):
             assert out.tokens == plain, (prompt, budget)
 
 
+def test_greedy_with_the_head_stays_exact_in_the_cli_layout(tmp_path):
+    """The CLI loads a head beside a target laid out for tree passes (packed fp32 weights,
+    grouped-query SDPA for the target and the head's own layer)."""
+    from pertoken.speculative.cli import _load_pair
+    from pertoken.speculative.tree import GQA_SDPA
+
+    target, tokenizer = tiny_llama(seed=31, num_hidden_layers=2, hidden_size=32,
+                                   intermediate_size=64)
+    target.save_pretrained(tmp_path / "target")
+    tokenizer.save_pretrained(tmp_path / "target")
+    torch.manual_seed(33)
+    head = EagleHead(target, torch.arange(3, target.config.vocab_size, 2)).eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    head.save(tmp_path / "head", {"target": "tiny"})
+    laid, _, loaded = _load_pair(str(tmp_path / "target"), str(tmp_path / "head"), "float32")
+    assert laid.config._attn_implementation == GQA_SDPA == loaded.config._attn_implementation
+    rng = random.Random(2)
+    for trial in range(4):
+        prompt = [rng.randrange(4, 260) for _ in range(rng.randrange(1, 10))]
+        plain = generate(target, None, prompt, method="ar", max_new_tokens=16).tokens
+        for method in ("dyspec", "tree"):
+            out = generate(laid, loaded, prompt, method=method, budget=8, max_new_tokens=16,
+                           seed=trial)
+            assert out.tokens == plain, (prompt, method)
+
+
 def test_save_and_load_round_trip(tmp_path, pair):
     target, head = pair
     head.save(tmp_path / "head", {"target": "tiny"})

@@ -54,14 +54,17 @@ def test_greedy_speculation_is_token_identical_to_plain_and_hf_greedy(models, dr
 @pytest.mark.parametrize("method", ["dyspec", "tree"])
 def test_greedy_speculation_stays_exact_with_small_batch_layout(method):
     """The CLI lays models out for few-row passes (packed MKL weights for tree passes, the
-    plain kernel for one-row decoding); greedy output must not move."""
-    from pertoken.models import small_batch_layout
+    plain kernel for one-row decoding; SDPA's grouped-query mode under tree masks); greedy
+    output must not move."""
+    from pertoken.speculative.cli import _for_trees
+    from pertoken.speculative.tree import GQA_SDPA
 
     target, _ = tiny_llama(seed=5, num_hidden_layers=2, hidden_size=64, intermediate_size=128)
     reference, _ = tiny_llama(seed=5, num_hidden_layers=2, hidden_size=64, intermediate_size=128)
     draft, _ = tiny_llama(seed=6, num_hidden_layers=1, hidden_size=32, intermediate_size=64)
-    small_batch_layout(target)
-    small_batch_layout(draft)
+    _for_trees(target)
+    _for_trees(draft)
+    assert target.config._attn_implementation == GQA_SDPA
     rng = random.Random(1)
     for trial in range(5):
         prompt = [rng.randrange(4, 260) for _ in range(rng.randrange(1, 12))]

@@ -5,12 +5,15 @@ import torch
 from transformers import DynamicCache
 
 from pertoken.models import tiny_llama
-from pertoken.speculative.tree import (accepted_keep, compact_cache, depths, tree_attention_mask,
-                                       tree_forward, tree_position_ids)
+from pertoken.speculative.tree import (GQA_SDPA, accepted_keep, compact_cache, depths,
+                                       tree_attention_mask, tree_forward, tree_position_ids,
+                                       use_gqa_attention)
 
 
 def _model(attn):
     model, _ = tiny_llama(seed=1, num_hidden_layers=3, hidden_size=64, intermediate_size=96)
+    if attn == GQA_SDPA:
+        return use_gqa_attention(model)
     model.set_attn_implementation(attn)
     return model
 
@@ -33,7 +36,7 @@ def _random_tree(rng, n):
     return [-1] + [rng.randrange(i) for i in range(1, n)]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", GQA_SDPA])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_tree_pass_logits_equal_sequential_decoding_of_each_path(attn, seed):
     rng = random.Random(seed)
@@ -52,7 +55,29 @@ def test_tree_pass_logits_equal_sequential_decoding_of_each_path(attn, seed):
         assert torch.allclose(logits[node], step.logits[0, -1], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_gqa_attention_runs_tree_passes_without_repeating_the_cache(monkeypatch):
+    import transformers.integrations.sdpa_attention as sdpa
+
+    model = _model(GQA_SDPA)
+    assert model.config._attn_implementation == GQA_SDPA
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    reference = _model("sdpa")
+    prefix, tokens, parents = [5, 6, 7, 8], [9, 10, 11, 12], [-1, 0, 0, 1]
+    expected = tree_forward(reference, _prefill(reference, prefix), tokens, parents)
+    cache = _prefill(model, prefix)
+
+    def refuse(*args):
+        raise AssertionError("repeat_kv copied the cache")
+
+    monkeypatch.setattr(sdpa, "repeat_kv", refuse)
+    torch.testing.assert_close(tree_forward(model, cache, tokens, parents), expected,
+                               rtol=1e-5, atol=1e-5)
+    eager = _model("eager")
+    assert use_gqa_attention(eager) is eager  # other implementations are left alone
+    assert eager.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", GQA_SDPA])
 def test_compacted_cache_continues_like_a_full_recompute(attn):
     rng = random.Random(7)
     model = _model(attn)

@@ -11,19 +11,31 @@ from pertoken.errors import UserError
 
 def _load_pair(model: str, draft: str | None, dtype: str):
     """``(target, tokenizer, draft or None)``, in the small-batch layout (a no-op but in
-    float32); every method, plain decoding included, then runs on the same model objects. A
-    draft folder holding an EAGLE head loads as an :class:`~pertoken.speculative.eagle.EagleHead`
-    bound to the target."""
-    from pertoken.models import load_model, small_batch_layout
+    float32) and with grouped-query SDPA for tree passes (:func:`_for_trees`); every method,
+    plain decoding included, then runs on the same model objects. A draft folder holding an
+    EAGLE head loads as an :class:`~pertoken.speculative.eagle.EagleHead` bound to the target."""
+    from pertoken.models import load_model
     from pertoken.speculative.eagle import is_eagle, load_eagle
+    from pertoken.speculative.tree import use_gqa_attention
 
     target, tokenizer = load_model(model, dtype=dtype)
-    target = small_batch_layout(target)
+    target = _for_trees(target)
     if not draft:
         return target, tokenizer, None
     if is_eagle(draft):
-        return target, tokenizer, load_eagle(draft, target).small_batch_layout()
-    return target, tokenizer, small_batch_layout(load_model(draft, dtype=dtype)[0])
+        head = load_eagle(draft, target).small_batch_layout()
+        return target, tokenizer, use_gqa_attention(head)
+    return target, tokenizer, _for_trees(load_model(draft, dtype=dtype)[0])
+
+
+def _for_trees(model):
+    """``model`` laid out for passes over a few tokens: packed fp32 weights
+    (:func:`~pertoken.models.small_batch_layout`) and SDPA's grouped-query mode under tree
+    masks (:func:`~pertoken.speculative.tree.use_gqa_attention`); outputs unchanged."""
+    from pertoken.models import small_batch_layout
+    from pertoken.speculative.tree import use_gqa_attention
+
+    return use_gqa_attention(small_batch_layout(model))
 
 
 def _check_draft_path(draft: str | None) -> None:
@@ -193,7 +205,7 @@ def _bench(args) -> int:
     import torch
 
     from pertoken.atomic import write_json_atomic
-    from pertoken.models import load_model, resolve, small_batch_layout
+    from pertoken.models import load_model, resolve
     from pertoken.speculative.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(model=args.model, draft=args.draft, methods=args.methods,
@@ -210,7 +222,7 @@ def _bench(args) -> int:
     target, tokenizer, draft = _load_pair(args.model, args.draft, args.dtype)
     assistant = None
     if args.assistant:
-        assistant = small_batch_layout(load_model(args.assistant, dtype=args.dtype)[0])
+        assistant = _for_trees(load_model(args.assistant, dtype=args.dtype)[0])
     for model in (draft, assistant):
         if model is not None and model.config.vocab_size != target.config.vocab_size:
             raise UserError("the draft and the target have different vocabularies "
