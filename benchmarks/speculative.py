@@ -39,10 +39,12 @@ def _train(folder: Path, extra: list[str]) -> None:
 
 def ensure_draft(folder: Path, target: str) -> None:
     """The draft recipe: distil on 3M tokens of docs-en, then fine-tune on 512 chats sampled
-    from the target plus wiki-en and docs-en (700k tokens, lr 1e-3). Both stages resume."""
+    from the target plus wiki-en and docs-en (700k tokens, lr 1e-3). Both stages resume. The
+    teacher runs in float32: this CPU has no bfloat16 arithmetic, so bfloat16 is the slower."""
     base = folder.parent / (folder.name + "-base")
-    _train(base, ["--target", target, "--corpus", "docs-en"])
+    _train(base, ["--target", target, "--corpus", "docs-en", "--teacher-dtype", "float32"])
     _train(folder, ["--target", target, "--init", str(base), "--self-chat", "512",
+                    "--teacher-dtype", "float32",
                     "--corpus", "wiki-en,docs-en", "--train-tokens", "700000", "--lr", "1e-3"])
 
 

@@ -175,6 +175,62 @@ def heap_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequence
     return tree
 
 
+def ranked_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequence[int] = (),
+                width: int = 8, max_depth: int = 16) -> tuple[DraftTree, DraftTree, list[int]]:
+    """The greedy (temperature 0) DySpec tree: the ``budget`` drafted paths of highest draft
+    path probability (spec §2: at T=0 the drafts may be deterministic, best-first top-k by path
+    probability, as EAGLE-2 builds its trees).
+
+    Grown layer by layer with one draft call per layer: every node of the newest layer that is
+    still among the ``budget`` best so far is expanded into its ``width`` most likely tokens, and
+    a candidate is kept only while its path probability beats the ``budget``-th best (paths only
+    lose probability as they grow, so nothing drafted later displaces it back). The best
+    ``budget`` candidates then form the tree (a connected one: a node never outranks its
+    parent); that is the best-first (heap) tree with exact sibling values, among the top
+    ``width`` tokens of each node, built in ``depth`` draft calls instead of one per node.
+    Unlike the threshold tree it ranks nodes across layers, so a confident deep path can win
+    over an unlikely sibling; it re-ranks drafts after seeing them, which is exact only because
+    greedy verification does not depend on how the drafts were made.
+
+    Returns ``(tree, drafted, origin)``: the tree to verify, the candidate tree the draft was
+    fed, and for each tree node its index in ``drafted``.
+    """
+    drafted = DraftTree.root(root_token)
+    value = [1.0]
+    frontier = [0]
+    best: list[float] = []  # the values of the budget best candidates, a min-heap
+    for _ in range(max_depth):
+        if not frontier:
+            break
+        probs = draft_fn(drafted, frontier)
+        top = torch.topk(probs, min(width, budget, probs.shape[-1]), dim=-1)
+        new = sorted(((value[node] * p, node, y)
+                      for node, ps, ys in zip(frontier, top.values.tolist(), top.indices.tolist())
+                      for p, y in zip(ps, ys) if p > 0), key=lambda c: -c[0])
+        added = []
+        for v, node, y in new:
+            if len(best) >= budget and v <= best[0]:
+                break  # sorted: no later candidate enters either
+            if len(best) >= budget:
+                heapq.heapreplace(best, v)
+            else:
+                heapq.heappush(best, v)
+            child = drafted.add(node, y)
+            value.append(v)
+            if y not in eos_ids:
+                added.append(child)
+        # a node displaced from the best ``budget`` since it was added has no child that enters
+        frontier = [c for c in added if len(best) < budget or value[c] > best[0]]
+    chosen = sorted(sorted(range(1, len(drafted)), key=lambda i: -value[i])[:budget])
+    tree = DraftTree.root(root_token)
+    origin = [0]
+    index = {0: 0}
+    for i in chosen:  # increasing indices: parents come first
+        index[i] = tree.add(index[drafted.parents[i]], drafted.tokens[i])
+        origin.append(i)
+    return tree, drafted, origin
+
+
 def chain_tree(root_token: int, draft_fn: DraftFn, length: int, eos_ids: Sequence[int] = (),
                generator: torch.Generator | None = None,
                deterministic: bool = False) -> DraftTree:

@@ -19,8 +19,8 @@ import torch
 from transformers import DynamicCache
 
 from pertoken.errors import UserError
-from pertoken.speculative.draft_tree import (Calibration, chain_tree, heap_tree, static_shape,
-                                             static_tree, threshold_tree)
+from pertoken.speculative.draft_tree import (Calibration, chain_tree, heap_tree, ranked_tree,
+                                             static_shape, static_tree, threshold_tree)
 from pertoken.speculative.eagle import EagleHead, EagleRunner, FeatureCapture
 from pertoken.speculative.methods import METHODS
 from pertoken.speculative.tree import accepted_keep, compact_cache, tree_forward
@@ -227,8 +227,12 @@ def _loop(target, target_cache, runner, capture, method, root, budget, temperatu
     while len(out.tokens) < max_new_tokens:
         p = target_cache.get_seq_length()
         start = time.perf_counter()
+        drafted = origin = None  # the drafted tree, when a tree is chosen among more drafts
         if method == "ar":
             tree = DraftTree.root(root)
+        elif method == "dyspec" and greedy and calibration is None and threshold is None:
+            runner.start(p)
+            tree, drafted, origin = ranked_tree(root, runner, budget, eos_ids=tuple(eos))
         else:
             runner.start(p)
             common = dict(eos_ids=tuple(eos), generator=draft_gen, deterministic=greedy)
@@ -258,10 +262,12 @@ def _loop(target, target_cache, runner, capture, method, root, budget, temperatu
         new = [tree.tokens[i] for i in accepted] + [token]
         if runner is not None:
             start = time.perf_counter()
+            path = [0] + accepted
+            fed = path if drafted is None else [origin[i] for i in path]
             if capture is not None:
-                runner.commit(tree, [0] + accepted, capture.value[0, [0] + accepted])
+                runner.commit(tree if drafted is None else drafted, fed, capture.value[0, path])
             else:
-                runner.commit(tree, [0] + accepted)
+                runner.commit(tree if drafted is None else drafted, fed)
             draft_seconds += time.perf_counter() - start
         out.steps.append(StepStats(len(tree) - 1, len(accepted), draft_seconds, target_seconds,
                                    tuple(accepted)))

@@ -1,0 +1,90 @@
+"""The greedy DySpec tree (``ranked_tree``) against a brute-force reference: the ``budget``
+paths of highest draft path probability among all paths of the top-``width`` tokens."""
+
+import itertools
+
+import pytest
+import torch
+
+from pertoken.speculative.draft_tree import ranked_tree
+
+VOCAB = 6
+
+
+def _dist(path: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A fixed draft distribution after each token path (sharp enough to grow deep paths)."""
+    g = torch.Generator().manual_seed(hash((seed, path)) % (2**31))
+    return torch.softmax(3 * torch.randn(VOCAB, generator=g, dtype=torch.float64), -1).float()
+
+
+def _draft_fn(seed, calls):
+    def fn(tree, nodes):
+        calls.append(list(nodes))
+        out = []
+        for node in nodes:
+            path = []
+            while node > 0:
+                path.append(tree.tokens[node])
+                node = tree.parents[node]
+            out.append(_dist(tuple(reversed(path)), seed))
+        return torch.stack(out)
+    return fn
+
+
+def _reference(seed, budget, width, depth, eos=()):
+    """Every path of top-``width`` tokens up to ``depth`` (none below an EOS), scored by its
+    draft probability; the ``budget`` best."""
+    scored = {}
+    level = [((), 1.0)]
+    for _ in range(depth):
+        nxt = []
+        for path, value in level:
+            if path and path[-1] in eos:
+                continue
+            probs = _dist(path, seed)
+            top = torch.topk(probs, width)
+            for p, y in zip(top.values.tolist(), top.indices.tolist()):
+                scored[path + (y,)] = value * p
+                nxt.append((path + (y,), value * p))
+        level = nxt
+    return set(sorted(scored, key=lambda k: -scored[k])[:budget])
+
+
+def _paths(tree):
+    out = set()
+    for i in range(1, len(tree)):
+        path, node = [], i
+        while node > 0:
+            path.append(tree.tokens[node])
+            node = tree.parents[node]
+        out.add(tuple(reversed(path)))
+    return out
+
+
+@pytest.mark.parametrize("seed,budget,width", list(itertools.product(range(6), (1, 3, 8, 20), (2, 4))))
+def test_ranked_tree_keeps_the_most_probable_paths(seed, budget, width):
+    calls = []
+    tree, drafted, origin = ranked_tree(99, _draft_fn(seed, calls), budget, width=width,
+                                        max_depth=5)
+    assert len(tree) - 1 == budget
+    assert _paths(tree) == _reference(seed, budget, width, 5)
+    # a connected tree whose nodes are the drafted ones, parents first
+    for i in range(1, len(tree)):
+        assert tree.parents[i] < i
+        assert drafted.tokens[origin[i]] == tree.tokens[i]
+        assert origin[tree.parents[i]] == drafted.parents[origin[i]]
+    assert origin[0] == 0 and drafted.tokens[0] == tree.tokens[0] == 99
+    # one draft call per layer, expanding only nodes still among the best ``budget``
+    assert len(calls) <= 5 and all(len(c) <= budget for c in calls)
+
+
+def test_ranked_tree_does_not_grow_below_eos():
+    seed, budget, width = 1, 12, 3
+    eos = (int(_dist((), seed).argmax()),)  # the most likely first token ends the text
+    calls = []
+    tree, drafted, _ = ranked_tree(99, _draft_fn(seed, calls), budget, eos_ids=eos,
+                                   width=width, max_depth=5)
+    assert _paths(tree) == _reference(seed, budget, width, 5, eos)
+    eos_nodes = [i for i in range(1, len(tree)) if tree.tokens[i] in eos]
+    assert eos_nodes and all(not tree.children[i] for i in eos_nodes)
+    assert all(drafted.tokens[n] not in eos for c in calls for n in c)  # never expanded
