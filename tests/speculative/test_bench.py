@@ -90,7 +90,8 @@ def test_cli_bench_writes_json_and_rejects_bad_input(tmp_path, models):
     result = json.loads(out.read_text())
     assert [r["method"] for r in result["results"]] == ["ar", "dyspec"]
     for bad, needle in ((["--methods", "ar,nope"], "nope"), (["--budgets", "0"], "budget"),
-                        (["--temperatures", "-1"], "temperature"), (["--top-p", "0"], "top-p")):
+                        (["--temperatures", "-1"], "temperature"), (["--top-p", "0"], "top-p"),
+                        (["--lookup", "-1"], "lookup")):
         done = subprocess.run(base + bad, capture_output=True, text=True)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], done.stderr

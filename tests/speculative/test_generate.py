@@ -102,7 +102,8 @@ def test_warp_top_p_keeps_the_smallest_set_reaching_p():
 
 
 @pytest.mark.parametrize("kwargs,needle", [({"budget": 0}, "budget"), ({"temperature": -1.0}, "temperature"),
-                                           ({"top_p": 0.0}, "top-p"), ({"top_p": 1.5}, "top-p")])
+                                           ({"top_p": 0.0}, "top-p"), ({"top_p": 1.5}, "top-p"),
+                                           ({"lookup": -1}, "lookup")])
 def test_bad_settings_are_user_errors(models, kwargs, needle):
     target, other = models
     with pytest.raises(UserError, match=needle):
@@ -140,8 +141,22 @@ def test_cli_generate_streams_text_and_rejects_bad_settings(tmp_path, models, ca
     assert main(args) == 0
     assert len(capsys.readouterr().out) > 0
     for bad, needle in ((["--budget", "0"], "budget"), (["--temperature", "-1"], "temperature"),
-                        (["--top-p", "2"], "top-p")):
+                        (["--top-p", "2"], "top-p"), (["--lookup", "-1"], "lookup")):
         done = subprocess.run([sys.executable, "-m", "pertoken", *args, *bad], capture_output=True,
                               text=True)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], done.stderr
+
+
+def test_greedy_dyspec_grafts_prompt_lookup_drafts(models):
+    """A target that repeats its prompt: prompt-lookup drafts are accepted even with a draft
+    that never agrees, output still token-identical; ``lookup=0`` turns them off."""
+    target, other = models
+    plain = generate(target, None, [7, 8, 9], method="ar", max_new_tokens=40).tokens
+    prompt = [7, 8, 9] + plain[:30] + [7, 8, 9]  # greedy continues with ``plain`` again
+    want = generate(target, None, prompt, method="ar", max_new_tokens=24).tokens
+    with_lookup = generate(target, other, prompt, method="dyspec", budget=8, max_new_tokens=24)
+    without = generate(target, other, prompt, method="dyspec", budget=8, max_new_tokens=24,
+                       lookup=0)
+    assert with_lookup.tokens == without.tokens == want
+    assert with_lookup.tokens_per_call > without.tokens_per_call + 1

@@ -88,3 +88,48 @@ def test_ranked_tree_does_not_grow_below_eos():
     eos_nodes = [i for i in range(1, len(tree)) if tree.tokens[i] in eos]
     assert eos_nodes and all(not tree.children[i] for i in eos_nodes)
     assert all(drafted.tokens[n] not in eos for c in calls for n in c)  # never expanded
+
+
+def _lookup_reference(context, length, ngram=3):
+    """The leftmost earlier occurrence of the longest suffix n-gram (``ngram`` down to 1)
+    that has a token after it; what follows it, up to ``length`` tokens."""
+    for n in range(min(ngram, len(context) - 1), 0, -1):
+        key = context[-n:]
+        for s in range(len(context) - n):
+            if context[s:s + n] == key and s + n < len(context):
+                return context[s + n:s + n + length]
+    return []
+
+
+def test_lookup_chain_follows_the_earliest_repeat_of_the_longest_suffix():
+    import random
+
+    from pertoken.speculative.draft_tree import lookup_chain
+
+    assert lookup_chain([5, 6, 7, 8, 9, 6, 7], 3) == [8, 9, 6]
+    assert lookup_chain([1, 2, 3], 4) == []  # nothing repeats
+    assert lookup_chain([4], 4) == []
+    rng = random.Random(0)
+    for _ in range(300):
+        context = [rng.randrange(5) for _ in range(rng.randrange(2, 30))]
+        length = rng.randrange(1, 6)
+        assert lookup_chain(context, length) == _lookup_reference(context, length), context
+
+
+def test_graft_chain_reuses_drafted_nodes_and_stops_at_eos():
+    from pertoken.speculative.draft_tree import graft_chain
+
+    calls = []
+    tree, drafted, origin = ranked_tree(99, _draft_fn(0, calls), 4, width=2, max_depth=3)
+    first = tree.tokens[tree.children[0][0]]  # an existing first token: reused
+    before = len(tree)
+    added = graft_chain(tree, drafted, origin, [first, 7, 8, 9], eos_ids=(8,))
+    assert added == 2 and len(tree) == before + 2  # 7 and 8 new; nothing after the EOS 8
+    path, node = [], len(tree) - 1
+    while node > 0:
+        path.append(tree.tokens[node])
+        node = tree.parents[node]
+    assert path[::-1] == [first, 7, 8]
+    for i in range(1, len(tree)):  # ``origin`` still maps the tree into the drafted one
+        assert drafted.tokens[origin[i]] == tree.tokens[i]
+        assert origin[tree.parents[i]] == drafted.parents[origin[i]]

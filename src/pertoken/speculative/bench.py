@@ -259,6 +259,8 @@ class BenchConfig:
     """DySpec with values calibrated online (learnt on the calibration prompts first)"""
     assistant: str | None = None
     """the standalone draft for ``hf-assisted`` (default: the draft)"""
+    lookup: int = 4
+    """prompt-lookup tokens grafted into greedy DySpec trees (0: none)"""
 
     def validate(self) -> None:
         from pertoken.speculative.generate import check_settings
@@ -273,6 +275,8 @@ class BenchConfig:
                 raise UserError(f"budget must be a positive number or auto, got {b!r}")
         if self.repeats < 1 or self.max_new_tokens < 1:
             raise UserError("repeats and max-new-tokens must be positive")
+        if self.lookup < 0:
+            raise UserError(f"lookup must be >= 0, got {self.lookup}")
 
 
 class _CallCounter:
@@ -400,7 +404,8 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
                                    top_k=cfg.top_k, top_p=cfg.top_p,
                                    max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
                                    seed=seed, tree_shape=shapes.get(config),
-                                   calibration=copy.deepcopy(calibrations.get(config, False)))
+                                   calibration=copy.deepcopy(calibrations.get(config, False)),
+                                   lookup=cfg.lookup)
                     tokens, n_calls = out.tokens, len(out.steps)
                     accepted = [s.accepted for s in out.steps]
                 run["seconds"] += time.perf_counter() - start
@@ -444,7 +449,7 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
             "draft_kind": "eagle" if isinstance(draft, EagleHead) else "model",
             "threads": torch.get_num_threads(),
             "dtype": cfg.dtype, "prompts": cfg.prompts, "max_new_tokens": cfg.max_new_tokens,
-            "calibrate": cfg.calibrate,
+            "calibrate": cfg.calibrate, "lookup": cfg.lookup,
             "repeats": cfg.repeats, "acceptance": {str(k): v for k, v in acceptance.items()},
             "auto_budget": {str(k): v for k, v in auto.items()},
             "costs": ({"target_ms": {str(k): 1000 * v for k, v in costs["target"].items()},

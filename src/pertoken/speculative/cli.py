@@ -52,6 +52,8 @@ def _generate(args) -> int:
     from pertoken.speculative.generate import check_settings, generate
 
     check_settings(args.temperature, args.top_p, 1 if args.budget == "auto" else args.budget)
+    if args.lookup < 0:
+        raise UserError(f"--lookup must be >= 0, got {args.lookup}")
     if args.method != "ar" and not args.draft:
         raise UserError(f"--method {args.method} needs a --draft model")
     if args.threads:
@@ -86,7 +88,8 @@ def _generate(args) -> int:
     out = generate(target, draft, list(ids), method=args.method, budget=budget,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                   seed=args.seed, calibration=args.calibrate, on_tokens=stream)
+                   seed=args.seed, calibration=args.calibrate, on_tokens=stream,
+                   lookup=args.lookup)
     seconds = time.perf_counter() - start
     sys.stdout.write("\n")
     print(f"[{len(out.tokens)} tokens in {len(out.steps)} target calls "
@@ -212,7 +215,7 @@ def _bench(args) -> int:
                       budgets=args.budgets, temperatures=args.temperatures, prompts=args.prompts,
                       max_new_tokens=args.max_new_tokens, prompt_tokens=args.prompt_tokens,
                       repeats=args.repeats, dtype=args.dtype, top_k=args.top_k, top_p=args.top_p,
-                      calibrate=args.calibrate, assistant=args.assistant)
+                      calibrate=args.calibrate, assistant=args.assistant, lookup=args.lookup)
     cfg.validate()
     resolve(args.model)
     _check_draft_path(args.draft)
@@ -262,6 +265,9 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibrate", action="store_true",
                    help="DySpec values from an online acceptance calibration")
+    p.add_argument("--lookup", type=int, default=4, metavar="N",
+                   help="greedy dyspec: graft up to N prompt-lookup tokens into each tree "
+                        "(out of the budget; 0: off)")
     p.add_argument("--threads", type=positive_int, default=None)
     p.set_defaults(func=_generate)
 
@@ -284,6 +290,9 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--calibrate", action="store_true",
                    help="DySpec values from an online acceptance calibration")
+    p.add_argument("--lookup", type=int, default=4, metavar="N",
+                   help="greedy dyspec: graft up to N prompt-lookup tokens into each tree "
+                        "(out of the budget; 0: off)")
     p.add_argument("--assistant", help="the standalone draft model hf-assisted uses (default: "
                                        "--draft, unless that is an EAGLE head)")
     p.add_argument("--json", help="write the results here")

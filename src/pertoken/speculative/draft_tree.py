@@ -231,6 +231,40 @@ def ranked_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequen
     return tree, drafted, origin
 
 
+def lookup_chain(context: Sequence[int], length: int, ngram: int = 3) -> list[int]:
+    """Prompt-lookup drafts: up to ``length`` tokens that followed an earlier occurrence of the
+    last ``ngram`` (down to 1) tokens of ``context`` (transformers' prompt lookup decoding,
+    ``PromptLookupCandidateGenerator``, which takes the leftmost match). Free to draft, and
+    right where a continuation repeats its prompt or itself."""
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    if length < 1 or len(context) < 2:
+        return []
+    finder = PromptLookupCandidateGenerator(num_output_tokens=length, max_matching_ngram_size=ngram,
+                                            max_length=len(context) + length + 1)
+    ids = torch.tensor([list(context)], dtype=torch.long)
+    out, _ = finder.get_candidates(ids)
+    return out[0, len(context):].tolist()
+
+
+def graft_chain(tree: DraftTree, drafted: DraftTree, origin: list[int], chain: Sequence[int],
+                eos_ids: Sequence[int] = ()) -> int:
+    """Add the path ``chain`` below the root of ``tree`` (and of ``drafted``, ``origin``
+    mapping the one to the other as :func:`ranked_tree` returns them), reusing the nodes that
+    already hold its first tokens; nothing is grafted below an EOS. Returns the nodes added."""
+    node, added = 0, 0
+    for y in chain:
+        child = next((c for c in tree.children[node] if tree.tokens[c] == y), None)
+        if child is None:
+            origin.append(drafted.add(origin[node], y))
+            child = tree.add(node, y)
+            added += 1
+        node = child
+        if y in eos_ids:
+            break
+    return added
+
+
 def chain_tree(root_token: int, draft_fn: DraftFn, length: int, eos_ids: Sequence[int] = (),
                generator: torch.Generator | None = None,
                deterministic: bool = False) -> DraftTree:

@@ -20,8 +20,9 @@ import torch
 from transformers import DynamicCache
 
 from pertoken.errors import UserError
-from pertoken.speculative.draft_tree import (Calibration, chain_tree, heap_tree, ranked_tree,
-                                             static_shape, static_tree, threshold_tree)
+from pertoken.speculative.draft_tree import (Calibration, chain_tree, graft_chain, heap_tree,
+                                             lookup_chain, ranked_tree, static_shape, static_tree,
+                                             threshold_tree)
 from pertoken.speculative.eagle import EagleHead, EagleRunner, FeatureCapture
 from pertoken.speculative.methods import METHODS
 from pertoken.speculative.tree import accepted_keep, compact_cache, tree_forward
@@ -155,7 +156,8 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
              max_new_tokens: int = 64, eos_token_id: int | list[int] | None = None,
              draft_temperature: float | None = None, seed: int = 0, threshold: float | None = None,
              calibration: Calibration | bool = False,
-             tree_shape: list[int] | None = None, on_tokens=None) -> GenerateOutput:
+             tree_shape: list[int] | None = None, on_tokens=None,
+             lookup: int = 4) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` after ``input_ids`` with ``method``.
 
     ``draft`` is a causal LM with the target's vocabulary or an
@@ -180,13 +182,19 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
     by default 1.0 for an EAGLE head and 0.6 for a draft LM, the values that gave the most
     tokens per call on SmolLM2 (an EAGLE head at 0.6 grew deep, narrow trees and lost
     0.1 tokens/call on chat prompts). ``on_tokens``, if given, is called with the list of
-    tokens each step emits (for streaming).
+    tokens each step emits (for streaming). Greedy DySpec also grafts up to ``lookup``
+    prompt-lookup tokens (:func:`~pertoken.speculative.draft_tree.lookup_chain`: what followed
+    an earlier occurrence of the context's last tokens) into each tree, out of its budget: on
+    SmolLM2 with the EAGLE head, 2.15 tokens per call instead of 1.98 on wiki-en prompts at
+    budget 8 and 1.77 instead of 1.73 on chat prompts.
     """
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     _check(temperature, top_p, budget, target, draft if method != "ar" else None)
     if not input_ids:
         raise UserError("the prompt is empty")
+    if lookup < 0:
+        raise UserError(f"lookup must be >= 0, got {lookup}")
     if method == "tree":
         tree_shape = list(tree_shape or static_shape(DEFAULT_ACCEPTANCE, budget))
         if len(tree_shape) - 1 > budget:
@@ -211,14 +219,15 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
                                   every_node=method == "dyspec-heap")
         return _loop(target, target_cache, runner, capture, method, root, budget, temperature, top_k, top_p,
                      max_new_tokens, eos, greedy, seed, threshold, calibration, tree_shape,
-                     on_tokens)
+                     on_tokens, list(input_ids), lookup)
     finally:
         if capture is not None:
             capture.close()
 
 
 def _loop(target, target_cache, runner, capture, method, root, budget, temperature, top_k, top_p,
-          max_new_tokens, eos, greedy, seed, threshold, calibration, tree_shape, on_tokens):
+          max_new_tokens, eos, greedy, seed, threshold, calibration, tree_shape, on_tokens,
+          context, lookup):
     verify_gen = torch.Generator().manual_seed(seed)
     draft_gen = torch.Generator().manual_seed(seed + 1)
     out = GenerateOutput(tokens=[])
@@ -236,7 +245,10 @@ def _loop(target, target_cache, runner, capture, method, root, budget, temperatu
             tree = DraftTree.root(root)
         elif method == "dyspec" and greedy and calibration is None and threshold is None:
             runner.start(p)
-            tree, drafted, origin = ranked_tree(root, runner, budget, eos_ids=tuple(eos))
+            chain = lookup_chain(context + out.tokens, min(lookup, budget - 1))
+            tree, drafted, origin = ranked_tree(root, runner, budget - len(chain),
+                                                eos_ids=tuple(eos))
+            graft_chain(tree, drafted, origin, chain, tuple(eos))
         else:
             runner.start(p)
             common = dict(eos_ids=tuple(eos), generator=draft_gen, deterministic=greedy)
