@@ -27,3 +27,23 @@ def test_pin_threads_sets_torch_threads():
         assert pin_threads(1) == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_environment_names_the_cpu_and_its_kernel_flags(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from pertoken import bench
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nmodel name\t: Some CPU @ 2.80GHz\n"
+                    "flags\t\t: fpu avx2 avx512f avx512_vnni sse4_2\n")
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text",
+                        lambda self, *a, **k: real(fake) if str(self) == "/proc/cpuinfo"
+                        else real(self, *a, **k))
+    assert bench.cpu_model() == ("Some CPU @ 2.80GHz", ["avx2", "avx512f", "avx512_vnni"])
+    env = bench.environment()
+    assert env["cpu_model"] == "Some CPU @ 2.80GHz" and env["cpu_flags"] == ["avx2", "avx512f",
+                                                                             "avx512_vnni"]
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(OSError()))
+    assert bench.cpu_model() == (None, [])

@@ -39,15 +39,36 @@ def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dict
             "wall_s": wall, "cpu_s": cpu, "repeats": repeats}
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+"""the instruction sets that decide which kernels run fast (bf16 arithmetic is emulated
+without ``avx512_bf16`` or AMX, which makes bf16 GEMMs of a few rows several times slower)"""
+
+
+def cpu_model() -> tuple[str | None, list[str]]:
+    """The CPU's model name and which of :data:`CPU_FLAGS` it has (from ``/proc/cpuinfo``;
+    ``(None, [])`` where that is missing)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None, []
+    fields = dict(line.split(":", 1) for line in text.splitlines()[:40] if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return fields.get("model name"), [f for f in CPU_FLAGS if f in flags]
+
+
 def environment() -> dict:
     """What the numbers were measured on."""
     import torch
     import transformers
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else (None,)
+    model, flags = cpu_model()
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
+            "cpu_model": model, "cpu_flags": flags,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "load_average_1min": load[0], "python": platform.python_version()}
 
 
