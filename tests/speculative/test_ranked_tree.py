@@ -31,15 +31,15 @@ def _draft_fn(seed, calls):
     return fn
 
 
-def _reference(seed, budget, width, depth, eos=()):
-    """Every path of top-``width`` tokens up to ``depth`` (none below an EOS), scored by its
-    draft probability; the ``budget`` best."""
+def _reference(seed, budget, width, depth, eos=(), min_value=0.0):
+    """Every path of top-``width`` tokens up to ``depth`` (none below an EOS or a path less
+    likely than ``min_value``), scored by its draft probability; the ``budget`` best."""
     scored = {}
     level = [((), 1.0)]
     for _ in range(depth):
         nxt = []
         for path, value in level:
-            if path and path[-1] in eos:
+            if (path and path[-1] in eos) or value < min_value:
                 continue
             probs = _dist(path, seed)
             top = torch.topk(probs, width)
@@ -61,13 +61,14 @@ def _paths(tree):
     return out
 
 
-@pytest.mark.parametrize("seed,budget,width", list(itertools.product(range(6), (1, 3, 8, 20), (2, 4))))
-def test_ranked_tree_keeps_the_most_probable_paths(seed, budget, width):
+@pytest.mark.parametrize("seed,budget,width,min_value",
+                         list(itertools.product(range(6), (1, 3, 8, 20), (2, 4), (0.0, 0.2))))
+def test_ranked_tree_keeps_the_most_probable_paths(seed, budget, width, min_value):
     calls = []
     tree, drafted, origin = ranked_tree(99, _draft_fn(seed, calls), budget, width=width,
-                                        max_depth=5)
-    assert len(tree) - 1 == budget
-    assert _paths(tree) == _reference(seed, budget, width, 5)
+                                        max_depth=5, min_value=min_value)
+    assert len(tree) - 1 == min(budget, len(_reference(seed, 10**6, width, 5, (), min_value)))
+    assert _paths(tree) == _reference(seed, budget, width, 5, (), min_value)
     # a connected tree whose nodes are the drafted ones, parents first
     for i in range(1, len(tree)):
         assert tree.parents[i] < i
@@ -83,7 +84,7 @@ def test_ranked_tree_does_not_grow_below_eos():
     eos = (int(_dist((), seed).argmax()),)  # the most likely first token ends the text
     calls = []
     tree, drafted, _ = ranked_tree(99, _draft_fn(seed, calls), budget, eos_ids=eos,
-                                   width=width, max_depth=5)
+                                   width=width, max_depth=5, min_value=0.0)
     assert _paths(tree) == _reference(seed, budget, width, 5, eos)
     eos_nodes = [i for i in range(1, len(tree)) if tree.tokens[i] in eos]
     assert eos_nodes and all(not tree.children[i] for i in eos_nodes)
@@ -120,7 +121,8 @@ def test_graft_chain_reuses_drafted_nodes_and_stops_at_eos():
     from pertoken.speculative.draft_tree import graft_chain
 
     calls = []
-    tree, drafted, origin = ranked_tree(99, _draft_fn(0, calls), 4, width=2, max_depth=3)
+    tree, drafted, origin = ranked_tree(99, _draft_fn(0, calls), 4, width=2, max_depth=3,
+                                        min_value=0.0)
     first = tree.tokens[tree.children[0][0]]  # an existing first token: reused
     before = len(tree)
     added = graft_chain(tree, drafted, origin, [first, 7, 8, 9], eos_ids=(8,))

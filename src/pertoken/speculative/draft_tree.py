@@ -176,7 +176,8 @@ def heap_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequence
 
 
 def ranked_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequence[int] = (),
-                width: int = 8, max_depth: int = 16) -> tuple[DraftTree, DraftTree, list[int]]:
+                width: int = 8, max_depth: int = 16,
+                min_value: float = 0.1) -> tuple[DraftTree, DraftTree, list[int]]:
     """The greedy (temperature 0) DySpec tree: the ``budget`` drafted paths of highest draft
     path probability (spec §2: at T=0 the drafts may be deterministic, best-first top-k by path
     probability, as EAGLE-2 builds its trees).
@@ -192,6 +193,11 @@ def ranked_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequen
     over an unlikely sibling; it re-ranks drafts after seeing them, which is exact only because
     greedy verification does not depend on how the drafts were made.
 
+    A node whose path probability is below ``min_value`` is not expanded: a draft call for
+    children that unlikely costs more than it brings. With the SmolLM2 EAGLE head at budgets 8
+    and 16, 0.1 cut the drafting time per step by a third (20 to 13 ms) and left tokens per
+    call as they were or higher (its deep probabilities are over-confident); 0.25 lost tokens.
+
     Returns ``(tree, drafted, origin)``: the tree to verify, the candidate tree the draft was
     fed, and for each tree node its index in ``drafted``.
     """
@@ -200,6 +206,7 @@ def ranked_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequen
     frontier = [0]
     best: list[float] = []  # the values of the budget best candidates, a min-heap
     for _ in range(max_depth):
+        frontier = [c for c in frontier if value[c] >= min_value]
         if not frontier:
             break
         probs = draft_fn(drafted, frontier)
