@@ -169,10 +169,11 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
     ``1 / (budget + 1)``); greedy DySpec without a ``threshold`` or ``calibration`` keeps the
     ``budget`` most probable draft paths instead
     (:func:`~pertoken.speculative.draft_tree.ranked_tree`: 1.96 tokens per call against 1.75
-    for the threshold tree on wiki-en prompts with the SmolLM2 EAGLE head). With ``calibration`` (``True``, or a :class:`Calibration` to keep
-    across calls) the drafts' shares are first mapped to acceptance rates learnt online from
-    the verified steps, and the default threshold adapts after every step so that trees fill
-    the budget; only past steps decide either, so the output law is unchanged (measured on
+    for the threshold tree on wiki-en prompts with the SmolLM2 EAGLE head). With
+    ``calibration`` (``True``, or a :class:`Calibration` to keep across calls) the drafts'
+    shares are first mapped to acceptance rates learnt online from the verified steps, and
+    the default threshold adapts after every step so that trees fill the budget; only past
+    steps decide either, so the output law is unchanged (measured on
     SmolLM2 it did not beat the raw probabilities, hence off by default). The ``tree``
     method fills the fixed ``tree_shape`` (a parents list, see
     :func:`~pertoken.speculative.draft_tree.static_shape`; by default the shape for
