@@ -149,11 +149,12 @@ def test_cli_generate_streams_text_and_rejects_bad_settings(tmp_path, models, ca
 
 
 def test_greedy_dyspec_grafts_prompt_lookup_drafts(models):
-    """A target that repeats its prompt: prompt-lookup drafts are accepted even with a draft
-    that never agrees, output still token-identical; ``lookup=0`` turns them off."""
+    """A prompt that repeats the target's own greedy text: prompt-lookup drafts add more than a
+    token per call over an unrelated draft alone, output still token-identical; ``lookup=0``
+    turns them off."""
     target, other = models
     plain = generate(target, None, [7, 8, 9], method="ar", max_new_tokens=40).tokens
-    prompt = [7, 8, 9] + plain[:30] + [7, 8, 9]  # greedy continues with ``plain`` again
+    prompt = [7, 8, 9] + plain[:30] + [7, 8, 9]  # greedy tends to repeat ``plain`` from here
     want = generate(target, None, prompt, method="ar", max_new_tokens=24).tokens
     with_lookup = generate(target, other, prompt, method="dyspec", budget=8, max_new_tokens=24)
     without = generate(target, other, prompt, method="dyspec", budget=8, max_new_tokens=24,
