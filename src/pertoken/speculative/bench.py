@@ -268,6 +268,7 @@ class BenchConfig:
         bad = [m for m in self.methods if m not in METHOD_CHOICES]
         if bad:
             raise UserError(f"unknown method {bad[0]!r}: choose from {', '.join(METHOD_CHOICES)}")
+        check_settings(0.0, self.top_p, 1, self.lookup)
         for t in self.temperatures:
             check_settings(t, self.top_p, 1)
         for b in self.budgets:
@@ -275,8 +276,6 @@ class BenchConfig:
                 raise UserError(f"budget must be a positive number or auto, got {b!r}")
         if self.repeats < 1 or self.max_new_tokens < 1:
             raise UserError("repeats and max-new-tokens must be positive")
-        if self.lookup < 0:
-            raise UserError(f"lookup must be >= 0, got {self.lookup}")
 
 
 class _CallCounter:

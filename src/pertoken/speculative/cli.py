@@ -51,9 +51,8 @@ def _generate(args) -> int:
 
     from pertoken.speculative.generate import check_settings, generate
 
-    check_settings(args.temperature, args.top_p, 1 if args.budget == "auto" else args.budget)
-    if args.lookup < 0:
-        raise UserError(f"--lookup must be >= 0, got {args.lookup}")
+    check_settings(args.temperature, args.top_p, 1 if args.budget == "auto" else args.budget,
+                   args.lookup)
     if args.method != "ar" and not args.draft:
         raise UserError(f"--method {args.method} needs a --draft model")
     if args.threads:

@@ -88,8 +88,10 @@ class _WarpedRows:
         return self.rows[node]
 
 
-def check_settings(temperature: float, top_p: float, budget: int) -> None:
+def check_settings(temperature: float, top_p: float, budget: int, lookup: int = 0) -> None:
     """Raise :class:`UserError` for settings no method accepts."""
+    if lookup < 0:
+        raise UserError(f"lookup must be >= 0, got {lookup}")
     if temperature < 0:
         raise UserError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
@@ -98,8 +100,8 @@ def check_settings(temperature: float, top_p: float, budget: int) -> None:
         raise UserError(f"budget must be at least 1, got {budget}")
 
 
-def _check(temperature, top_p, budget, target, draft):
-    check_settings(temperature, top_p, budget)
+def _check(temperature, top_p, budget, lookup, target, draft):
+    check_settings(temperature, top_p, budget, lookup)
     if draft is not None and draft.config.vocab_size != target.config.vocab_size:
         raise UserError("the draft and the target have different vocabularies "
                         f"({draft.config.vocab_size} vs {target.config.vocab_size})")
@@ -191,11 +193,9 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
     """
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    _check(temperature, top_p, budget, target, draft if method != "ar" else None)
+    _check(temperature, top_p, budget, lookup, target, draft if method != "ar" else None)
     if not input_ids:
         raise UserError("the prompt is empty")
-    if lookup < 0:
-        raise UserError(f"lookup must be >= 0, got {lookup}")
     if method == "tree":
         tree_shape = list(tree_shape or static_shape(DEFAULT_ACCEPTANCE, budget))
         if len(tree_shape) - 1 > budget:
