@@ -183,3 +183,23 @@ def test_default_alias_loads_from_cache_and_answers_sensibly():
         out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     answer = tok.decode(out[0, prompt["input_ids"].shape[1]:])
     assert "Paris" in answer
+
+
+def test_resolve_device(monkeypatch):
+    from pertoken.models import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad, needle in [("nonsense", "unknown device"), ("meta", "unsupported device")]:
+        with pytest.raises(UserError, match=needle):
+            resolve_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="no CUDA device"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("CUDA:0") == torch.device("cuda", 0)
+    with pytest.raises(UserError, match="1 CUDA device"):
+        resolve_device("cuda:3")

@@ -53,6 +53,27 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "pertoken"
 
 
+def resolve_device(spec: str = "auto") -> torch.device:
+    """The torch device a ``--device`` flag names: ``auto`` (CUDA when there is one, else the
+    CPU), ``cpu``, ``cuda`` or ``cuda:N``; a :class:`UserError` for a device this machine lacks."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {spec!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {spec}: this machine has no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {spec}: this machine has {torch.cuda.device_count()} "
+                            "CUDA device(s)")
+    return device
+
+
 def find_package_file(package: str, filename: str) -> Path | None:
     """Path of ``filename`` inside an installed package, found without importing the package.
 

@@ -100,7 +100,11 @@ def test_an_interrupted_run_resumes_to_the_same_weights(teacher, tmp_path, monke
                                         (["--resume"], "nothing to resume"),
                                         (["--target", "/no/such/model"], "no model"),
                                         (["--init", "/no/such/draft"], "not a draft folder"),
-                                        (["--self-chat", "-1"], "self-chat")])
+                                        (["--self-chat", "-1"], "self-chat"),
+                                        (["--device", "nonsense"], "unknown device"),
+                                        (["--device", "meta"], "unsupported device")]
+                         + ([] if torch.cuda.is_available()
+                            else [(["--device", "cuda"], "no CUDA device")]))
 def test_cli_train_draft_bad_input_is_one_line(tmp_path, bad, needle):
     done = subprocess.run([sys.executable, "-m", "pertoken", "speculative", "train-draft", "-o",
                            str(tmp_path / "x"), *bad], capture_output=True, text=True)

@@ -108,7 +108,7 @@ def _train_draft(args) -> int:
     import torch
 
     from pertoken.data import open_corpus
-    from pertoken.models import load_model, resolve
+    from pertoken.models import load_model, resolve, resolve_device
     from pertoken.speculative.draft_train import (DraftTrainConfig, check_output, decode_seconds,
                                                   train_draft)
 
@@ -134,6 +134,7 @@ def _train_draft(args) -> int:
     cfg.validate()
     check_output(args.output, args.resume)
     resolve(args.target)
+    device = resolve_device(args.device)
     if args.init and not Path(args.init, "config.json").is_file():
         raise UserError(f"--init {args.init}: not a draft folder (no config.json)")
     if args.threads:
@@ -143,6 +144,7 @@ def _train_draft(args) -> int:
     if not corpora:
         raise UserError("--corpus names no corpus")
     target, tokenizer = load_model(args.target, dtype=args.teacher_dtype)
+    target.to(device)
     documents = itertools.chain.from_iterable(c.documents("train") for c in corpora)
     if args.kind == "eagle":
         from pertoken.speculative.eagle import head_decode_seconds, load_eagle
@@ -150,7 +152,7 @@ def _train_draft(args) -> int:
 
         info = train_eagle(target, tokenizer, documents, args.output, cfg,
                            resume=args.resume, target_name=args.target)
-        target = target.float()
+        target = target.float().cpu()
         draft = load_eagle(args.output, target)
         t_draft = head_decode_seconds(draft)
         info_name = "pertoken-eagle.json"
@@ -158,10 +160,10 @@ def _train_draft(args) -> int:
         info = train_draft(target, tokenizer, documents, args.output, cfg,
                            resume=args.resume, target_name=args.target)
         draft = load_model(args.output)[0]
-        target = target.float()
+        target = target.float().cpu()
         t_draft = decode_seconds(draft)
         info_name = "pertoken-draft.json"
-    # the cost ratio, measured in float32 with the draft just written
+    # the cost ratio, measured on the CPU in float32 with the draft just written
     t_target = decode_seconds(target)
     from pertoken.atomic import write_json_atomic
 
@@ -333,6 +335,9 @@ def add_commands(commands, parser_class, positive_int) -> None:
                    help="teacher tokens distilled (default 64; eagle 16)")
     p.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps")
     p.add_argument("--teacher-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="auto",
+                   help="where the teacher runs and the draft trains: auto (CUDA when there "
+                        "is one), cpu, cuda or cuda:N; the cost is measured on the CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None)
     p.set_defaults(func=_train_draft)

@@ -108,6 +108,7 @@ def training_tokens(target, tokenizer, documents, cfg, total: int, path: Path,
     parts = []
     if cfg.self_chat:
         chats = self_chat(target, tokenizer, cfg.self_chat, path.parent / "self-chat.jsonl",
+                          batch_size=256 if target.device.type == "cuda" else 32,
                           seed=cfg.seed, progress=progress)
         parts.append(tokenize_corpus(tokenizer, chats, total, cfg.max_doc_tokens, cfg.seed))
     left = total - sum(p.size for p in parts)
@@ -144,7 +145,7 @@ def init_draft(target, cfg: DraftTrainConfig, seed: int = 0):
 
     torch.manual_seed(seed)
     draft = LlamaForCausalLM(draft_config(target.config, cfg))
-    emb = target.get_input_embeddings().weight.detach().float()
+    emb = target.get_input_embeddings().weight.detach().float().cpu()
     if cfg.hidden_size <= emb.shape[1]:
         _, _, vh = torch.linalg.svd(emb - emb.mean(0), full_matrices=False)
         projected = emb @ vh[: cfg.hidden_size].T
@@ -197,7 +198,8 @@ def self_chat(target, tokenizer, conversations: int, path: str | Path, batch_siz
     the template's user header), then the target's answer to it in the chat template. This is
     on-policy data for chat prompts without any dataset. After each batch the JSONL file
     ``path`` is rewritten atomically with every conversation so far, so an interrupted run
-    resumes where it stopped. Returns the conversations as template text."""
+    resumes where it stopped. Sampling runs on the target's device (on a GPU, give a larger
+    ``batch_size``). Returns the conversations as template text."""
     from tqdm.auto import tqdm
 
     if not tokenizer.chat_template:
@@ -213,8 +215,9 @@ def self_chat(target, tokenizer, conversations: int, path: str | Path, batch_siz
 
     def sample(prompts: list[list[int]], new_tokens: int, batch_seed: int) -> list[list[int]]:
         width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=target.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                            device=target.device)
         torch.manual_seed(batch_seed)
         out = target.generate(input_ids=ids, attention_mask=mask, do_sample=True,
                               temperature=temperature, top_k=50,
@@ -322,7 +325,7 @@ def train_draft(target, tokenizer, documents, out: str | Path, cfg: DraftTrainCo
     """Distil a draft for ``target`` on ``documents`` into the folder ``out``; return its stats.
 
     ``target`` should be in bfloat16 for speed (it only provides soft labels); the draft trains
-    in float32 with bfloat16 autocast. With ``cfg.self_chat``, that many conversations sampled
+    in float32 with bfloat16 autocast, on the target's device (CPU or CUDA). With ``cfg.self_chat``, that many conversations sampled
     from the target come first and the corpus fills the rest of ``cfg.train_tokens``; with
     ``cfg.init``, training starts from that draft.
     """
@@ -344,7 +347,9 @@ def train_draft(target, tokenizer, documents, out: str | Path, cfg: DraftTrainCo
     sequences = torch.from_numpy(tokens[: n_seq * (cfg.seq_len + 1)].astype(np.int64)).view(
         n_seq, cfg.seq_len + 1)
 
+    device = target.device
     draft = load_init(cfg.init, target, cfg) if cfg.init else init_draft(target, cfg, cfg.seed)
+    draft.to(device)
     decay = [p for n, p in draft.named_parameters() if p.ndim >= 2]
     rest = [p for n, p in draft.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -353,7 +358,7 @@ def train_draft(target, tokenizer, documents, out: str | Path, cfg: DraftTrainCo
     step = 0
     history: list[dict] = []
     if resume:
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=False, map_location="cpu")
         if state["config"] != asdict(cfg):
             raise UserError(f"{out} was trained with other settings; resume with the same flags")
         draft.load_state_dict(state["draft"])
@@ -372,14 +377,14 @@ def train_draft(target, tokenizer, documents, out: str | Path, cfg: DraftTrainCo
     start = time.perf_counter()
     while step < cfg.steps:
         picks = [(step * cfg.batch_size + i) % n_seq for i in range(cfg.batch_size)]
-        batch = sequences[order[picks]]
+        batch = sequences[order[picks]].to(device)
         inputs = batch[:, :-1]
         with torch.inference_mode():
             teacher = target(input_ids=inputs).logits
         teacher = teacher.clone()
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, cfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             student = draft(input_ids=inputs).logits
         loss, agree = distill_loss(student, teacher, cfg.top_k)
         optimizer.zero_grad(set_to_none=True)

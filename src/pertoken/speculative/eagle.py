@@ -116,7 +116,8 @@ class EagleHead(nn.Module):
         x = self.fc(torch.cat([embeds, features.to(self.dtype)], dim=-1))
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(past, past + input_ids.shape[1]).unsqueeze(0)
+            position_ids = torch.arange(past, past + input_ids.shape[1],
+                                        device=input_ids.device).unsqueeze(0)
         x = self.layer(x, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                        use_cache=cache is not None,
                        position_embeddings=self.rotary(x, position_ids))
@@ -130,8 +131,8 @@ class EagleHead(nn.Module):
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()}
-        state["vocab"] = self.vocab.clone()
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        state["vocab"] = self.vocab.cpu().clone()
         with atomic_path(out / WEIGHTS_NAME) as tmp:
             save_file(state, str(tmp))
         write_json_atomic(out / CONFIG_NAME, {

@@ -69,7 +69,8 @@ def _lr(step: int, cfg: EagleTrainConfig) -> float:
 @torch.inference_mode()
 def teacher_pass(target, sequences: torch.Tensor, top_k: int, batch_size: int = 8,
                  progress: bool = True) -> dict:
-    """The target's features (float16) and top-``top_k`` logits on every sequence."""
+    """The target's features (float16) and top-``top_k`` logits on every sequence, run on the
+    target's device and kept in CPU memory."""
     from tqdm.auto import tqdm
 
     n, length = sequences.shape
@@ -82,7 +83,7 @@ def teacher_pass(target, sequences: torch.Tensor, top_k: int, batch_size: int = 
         for start in tqdm(range(0, n, batch_size), desc="teacher pass", disable=not progress,
                           unit="batch"):
             stop = min(n, start + batch_size)
-            logits = target(input_ids=sequences[start:stop]).logits
+            logits = target(input_ids=sequences[start:stop].to(target.device)).logits
             values, ids = torch.topk(logits.float(), top_k, dim=-1)
             out["features"][start:stop] = capture.value.half()
             out["top_values"][start:stop] = values.half()
@@ -103,7 +104,7 @@ def eagle_losses(head: EagleHead, tokens: torch.Tensor, features: torch.Tensor,
     features instead, one position later."""
     inputs, feats = tokens[:, 1:], features[:, :-1].float()
     if noise:
-        feats = feats + (torch.rand(feats.shape, generator=generator) - 0.5) * noise
+        feats = feats + ((torch.rand(feats.shape, generator=generator) - 0.5) * noise).to(feats.device)
     total, agreement, previous = 0.0, [], None
     for depth in (1, 2):
         if depth == 1:
@@ -130,7 +131,9 @@ def train_eagle(target, tokenizer, documents, out: str | Path, cfg: EagleTrainCo
     """Train an EAGLE head for ``target`` into the folder ``out``; return its stats.
 
     ``target`` may be in bfloat16 for the teacher pass; it is converted to float32 in place
-    afterwards (the head trains against its embedding and LM head in float32). A checkpoint
+    afterwards (the head trains against its embedding and LM head in float32). Everything
+    runs on the target's device (CPU or CUDA); the cached teacher outputs stay in CPU memory
+    and go to the device a batch at a time. A checkpoint
     (and a usable head folder) is written every ``cfg.checkpoint_every`` steps; ``resume``
     continues from it to the same weights."""
     from tqdm.auto import tqdm
@@ -154,7 +157,8 @@ def train_eagle(target, tokenizer, documents, out: str | Path, cfg: EagleTrainCo
                             f"than one batch of {cfg.batch_size}")
         sequences = torch.from_numpy(tokens[: n_seq * length].astype(np.int64)).view(n_seq, length)
         data = {"sequences": sequences,
-                **teacher_pass(target, sequences, cfg.top_k, progress=progress)}
+                **teacher_pass(target, sequences, cfg.top_k, progress=progress,
+                               batch_size=64 if target.device.type == "cuda" else 8)}
         with atomic_path(teacher_path) as tmp:
             torch.save(data, tmp)
     sequences = data["sequences"]
@@ -162,22 +166,24 @@ def train_eagle(target, tokenizer, documents, out: str | Path, cfg: EagleTrainCo
     eos = [t for t in {tokenizer.eos_token_id, target.config.eos_token_id}
            if isinstance(t, int) and t >= 0]
     vocab = vocab_by_frequency(sequences, target.config.vocab_size, cfg.vocab, eos)
+    device = target.device
     full_to_draft = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
     full_to_draft[vocab] = torch.arange(vocab.numel())
+    full_to_draft = full_to_draft.to(device)
 
     torch.manual_seed(cfg.seed)
     target = target.float()
-    head = EagleHead(target, vocab)
+    head = EagleHead(target, vocab).to(device)
     width = target.config.hidden_size
     with torch.no_grad():  # start as "the feature passes through", token part small
         head.fc.weight.zero_()
-        head.fc.weight[:, width:] = torch.eye(width)
+        head.fc.weight[:, width:] = torch.eye(width, device=device)
         head.fc.weight[:, :width].normal_(0, 0.02)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0)
     step, history = 0, []
     if resume and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=False, map_location="cpu")
         if state["config"] != asdict(cfg):
             raise UserError(f"{out} was trained with other settings; resume with the same flags")
         head.load_state_dict(state["head"])
@@ -196,16 +202,18 @@ def train_eagle(target, tokenizer, documents, out: str | Path, cfg: EagleTrainCo
         picks = [(within + i) % n_seq for i in range(cfg.batch_size)]
         return orders[epoch][picks]
 
+    def batch(idx: torch.Tensor) -> list[torch.Tensor]:
+        return [data[k][idx].to(device, non_blocking=True)
+                for k in ("sequences", "features", "top_values", "top_ids")]
+
     @torch.no_grad()
     def evaluate() -> list[float]:
         head.eval()
         scores = []
         for first in range(n_seq, n_seq + held, cfg.batch_size):
             idx = torch.arange(first, min(first + cfg.batch_size, n_seq + held))
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                scores.append(eagle_losses(head, sequences[idx], data["features"][idx],
-                                           data["top_values"][idx], data["top_ids"][idx],
-                                           full_to_draft)[1])
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                scores.append(eagle_losses(head, *batch(idx), full_to_draft)[1])
         head.train()
         return [float(x) for x in np.mean(scores, axis=0)]
 
@@ -222,10 +230,9 @@ def train_eagle(target, tokenizer, documents, out: str | Path, cfg: EagleTrainCo
         idx = batch_ids(step)
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, cfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, agree = eagle_losses(head, sequences[idx], data["features"][idx],
-                                       data["top_values"][idx], data["top_ids"][idx],
-                                       full_to_draft, cfg.noise, cfg.feature_weight,
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss, agree = eagle_losses(head, *batch(idx), full_to_draft, cfg.noise,
+                                       cfg.feature_weight,
                                        torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
