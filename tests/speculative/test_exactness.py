@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pertoken.speculative import draft_tree, verify
-from pertoken.speculative.draft_tree import heap_tree, threshold_tree
+from pertoken.speculative.draft_tree import heap_tree, layered_heap_tree, threshold_tree
 from pertoken.speculative.verify import verify_greedy, verify_sampling
 
 V = 6
@@ -52,13 +52,17 @@ def _threshold(budget=6):
     return lambda fn, g: threshold_tree(0, fn, threshold=0.02, budget=budget, generator=g)
 
 
+def _layered(budget=6):
+    return lambda fn, g: layered_heap_tree(0, fn, budget=budget, generator=g, min_value=0.05)[0]
+
+
 def _static(acceptance=(0.5, 0.2, 0.1), budget=6):
     shape = draft_tree.static_shape(acceptance, budget)
     return lambda fn, g: draft_tree.static_tree(0, fn, shape, generator=g)
 
 
-@pytest.mark.parametrize("build", [_heap(), _threshold(), _static()],
-                         ids=["heap", "threshold", "static"])
+@pytest.mark.parametrize("build", [_heap(), _threshold(), _static(), _layered()],
+                         ids=["heap", "threshold", "static", "layered-heap"])
 def test_tree_speculative_sampling_matches_the_target_law_quick(build):
     p, chi2 = _p_value(*_sample_pairs(20_000, build))
     assert p > 1e-3, chi2
@@ -82,8 +86,8 @@ def test_pruning_drafted_tokens_by_identity_is_caught():
 
 
 @pytest.mark.long
-@pytest.mark.parametrize("build", [_heap(), _threshold(), _static()],
-                         ids=["heap", "threshold", "static"])
+@pytest.mark.parametrize("build", [_heap(), _threshold(), _static(), _layered()],
+                         ids=["heap", "threshold", "static", "layered-heap"])
 def test_tree_speculative_sampling_matches_the_target_law_400k(build):
     p, chi2 = _p_value(*_sample_pairs(400_000, build, seed=11))
     assert p > 1e-3, chi2
@@ -94,6 +98,62 @@ def test_draft_held_fixed_after_a_rejection_is_caught_at_400k(monkeypatch):
     monkeypatch.setattr(verify, "without", lambda draft, token: draft)  # the SpecInfer rule
     p, chi2 = _p_value(*_sample_pairs(400_000, _heap(), seed=12))
     assert p < 1e-4, chi2
+
+
+def test_reranking_sampled_drafts_by_their_own_value_is_caught():
+    """Keeping the budget most probable of the sampled drafts (ranking a slot by the token drawn
+    in it, where the heap ranks it by the value known before the draw) biases the drafts."""
+    def by_drawn_value(fn, g):
+        tree, drafted, _ = layered_heap_tree(0, fn, budget=12, generator=g, min_value=0.0)
+        keep = sorted(range(1, len(drafted)), key=lambda i: -drafted.shares[i])[:2]
+        out = verify.DraftTree.root(0)
+        kept = [i for i in drafted.children[0] if i in keep]
+        for i in kept:
+            out.add(0, drafted.tokens[i])
+        if kept:
+            out.draft_probs[0] = drafted.draft_probs[0]
+        return out
+
+    p, chi2 = _p_value(*_sample_pairs(20_000, by_drawn_value))
+    assert p < 1e-6, chi2
+
+
+def test_layered_heap_tree_is_the_heap_tree():
+    """With the same (deterministic) draws, the layer-by-layer build keeps exactly the heap's
+    tree, on random draft tables and budgets; and it makes one draft call per layer."""
+    for seed in range(6):
+        _, draft = _tables(seed)
+        draft = draft ** 3 / (draft ** 3).sum(-1, keepdim=True)  # sharper: deeper trees
+        for budget in (1, 3, 6, 10):
+            calls = []
+            fn = _draft_fn(draft)
+
+            def counted(tree, nodes, fn=fn):
+                calls.append(len(nodes))
+                return fn(tree, nodes)
+
+            heap = heap_tree(0, fn, budget=budget, deterministic=True, eos_ids=(5,))
+            tree, drafted, origin = layered_heap_tree(0, counted, budget=budget,
+                                                      deterministic=True, eos_ids=(5,),
+                                                      width=budget, min_value=0.0)
+            paths = lambda t: sorted(tuple(t.tokens[j] for j in _path(t, i)) for i in range(len(t)))
+            assert paths(tree) == paths(heap), (seed, budget)
+            depth = max(len(_path(drafted, i)) for i in range(len(drafted)))
+            assert len(calls) <= depth
+            for i, j in enumerate(origin):
+                assert tree.tokens[i] == drafted.tokens[j]
+            for node, kids in enumerate(tree.children):
+                assert [tree.tokens[c] for c in kids] == [
+                    drafted.tokens[c] for c in drafted.children[origin[node]]][:len(kids)]
+                assert (node in tree.draft_probs) == bool(kids)
+
+
+def _path(tree, i):
+    out = []
+    while i > 0:
+        out.append(i)
+        i = tree.parents[i]
+    return out[::-1]
 
 
 def test_race_order_draws_without_replacement_with_the_right_first_law():

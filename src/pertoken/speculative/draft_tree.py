@@ -9,7 +9,8 @@ verification exact:
   (its draft path probability), and ``v_i`` becomes ``v_i (1 - d_i[y])``;
 - the threshold variant (Alg. 2) keeps drawing at every frontier node while ``v_i > threshold``,
   layer by layer, with one batched draft call per layer;
-- the heap variant (Alg. 1) always expands the pending slot of highest value.
+- the heap variant (Alg. 1) always expands the pending slot of highest value;
+  :func:`layered_heap_tree` builds the same tree with one draft call per layer.
 """
 
 from __future__ import annotations
@@ -235,6 +236,72 @@ def ranked_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequen
     for i in chosen:  # increasing indices: parents come first
         index[i] = tree.add(index[drafted.parents[i]], drafted.tokens[i])
         origin.append(i)
+    return tree, drafted, origin
+
+
+def layered_heap_tree(root_token: int, draft_fn: DraftFn, budget: int,
+                      eos_ids: Sequence[int] = (), generator: torch.Generator | None = None,
+                      deterministic: bool = False, width: int = 8, max_depth: int = 16,
+                      min_value: float = 0.1,
+                      calibration: Calibration | None = None) -> tuple[DraftTree, DraftTree, list[int]]:
+    """DySpec's heap tree (Alg. 1), built layer by layer with one draft call per layer.
+
+    Each slot ("draw one more child at node ``i``") has a value known before the draw: ``v_i``,
+    which every drawn child lowers by its share (the module docstring). The heap construction
+    takes the ``budget`` slots of highest value. Slot values only fall along the tree (a
+    child's slots are worth at most its parent's slot, a node's next slot at most its last), so
+    drafting layer by layer and keeping every slot that still beats the ``budget``-th best seen
+    so far, then taking the best ``budget``, gives the same tree as the heap for the same
+    draws: a slot's rank depends only on slots that do not depend on its own draw, which is
+    what keeps sampled verification exact. The difference from :func:`threshold_tree`: slots
+    compete across nodes and layers, so a confident deep path wins over an unlikely sibling,
+    and the budget is spent where the heap would spend it, in ``depth`` draft calls instead of
+    one per expanded node. ``width`` bounds the children drawn at a node, and a node whose
+    value is below ``min_value`` is not expanded (as in :func:`ranked_tree`).
+
+    Returns ``(tree, drafted, origin)`` as :func:`ranked_tree` does: the tree to verify, the
+    tree the draft was fed, and each tree node's index in ``drafted``.
+    """
+    drafted = DraftTree.root(root_token)
+    slot = [float("inf")]  # the value of the slot each node was drawn in
+    value = [1.0]  # each node's own value: its first slot's
+    best: list[float] = []  # the values of the budget best slots, a min-heap
+    frontier = [0]
+    for _ in range(max_depth):
+        frontier = [c for c in frontier if value[c] >= min_value
+                    and (len(best) < budget or value[c] > best[0])]
+        if not frontier:
+            break
+        probs = draft_fn(drafted, frontier)
+        added = []
+        for node, dist in zip(frontier, probs):
+            drafted.draft_probs[node] = dist
+            v, left = value[node], 1.0
+            for y in race_order(dist, generator, min(width, budget), deterministic):
+                if left <= 0 or (len(best) >= budget and v <= best[0]):
+                    break  # this slot and the node's later ones cannot make the budget
+                child, accept, left = _add_drawn(drafted, node, y, left, calibration)
+                slot.append(v)
+                value.append(v * accept)
+                if len(best) >= budget:
+                    heapq.heapreplace(best, v)
+                else:
+                    heapq.heappush(best, v)
+                v *= 1 - accept
+                if y not in eos_ids:
+                    added.append(child)
+        frontier = added
+    chosen = sorted(sorted(range(1, len(drafted)), key=lambda i: -slot[i])[:budget])
+    tree = DraftTree.root(root_token)
+    origin = [0]
+    index = {0: 0}
+    for i in chosen:  # increasing indices: parents and earlier siblings come first
+        index[i] = tree.add(index[drafted.parents[i]], drafted.tokens[i])
+        tree.shares[index[i]] = drafted.shares[i]
+        origin.append(i)
+    for i, j in index.items():
+        if tree.children[j]:
+            tree.draft_probs[j] = drafted.draft_probs[i]
     return tree, drafted, origin
 
 

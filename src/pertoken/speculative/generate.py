@@ -1,9 +1,9 @@
 """The decoding loop: plain autoregressive decoding (``ar``, the reference), classic speculative
 sampling (``chain``: ``budget`` tokens drafted one after another), Sequoia's static tree
-(``tree``) and DySpec (``dyspec``: a threshold draft tree with one draft call per layer, at
-temperature 0 the most probable draft paths;
-``dyspec-heap``: the heap construction with one draft call per expanded node), each verified in
-one target pass per step.
+(``tree``) and DySpec (``dyspec``: the heap construction's tree built with one draft call per
+layer, at temperature 0 the most probable draft paths, and the threshold tree when given a
+threshold or a calibration; ``dyspec-heap``: the heap construction with one draft call per
+expanded node), each verified in one target pass per step.
 
 Caches follow spec §1.4: ``P`` committed tokens are cached; the root (the last committed
 token) is not, and is query 0 of the next tree pass. After verification the target cache keeps
@@ -21,7 +21,8 @@ from transformers import DynamicCache
 
 from pertoken.errors import UserError
 from pertoken.speculative.draft_tree import (Calibration, chain_tree, graft_chain, heap_tree,
-                                             lookup_chain, ranked_tree, static_shape, static_tree,
+                                             layered_heap_tree, lookup_chain, ranked_tree,
+                                             static_shape, static_tree,
                                              threshold_tree)
 from pertoken.speculative.eagle import EagleHead, EagleRunner, FeatureCapture
 from pertoken.speculative.methods import METHODS
@@ -171,7 +172,9 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
     ``1 / (budget + 1)``); greedy DySpec without a ``threshold`` or ``calibration`` keeps the
     ``budget`` most probable draft paths instead
     (:func:`~pertoken.speculative.draft_tree.ranked_tree`: 1.96 tokens per call against 1.75
-    for the threshold tree on wiki-en prompts with the SmolLM2 EAGLE head). With
+    for the threshold tree on wiki-en prompts with the SmolLM2 EAGLE head), and sampling
+    DySpec without either builds the heap construction's tree layer by layer
+    (:func:`~pertoken.speculative.draft_tree.layered_heap_tree`). With
     ``calibration`` (``True``, or a :class:`Calibration` to keep across calls) the drafts'
     shares are first mapped to acceptance rates learnt online from the verified steps, and
     the default threshold adapts after every step so that trees fill the budget; only past
@@ -250,6 +253,10 @@ def _loop(target, target_cache, runner, capture, method, root, budget, temperatu
             tree, drafted, origin = ranked_tree(root, runner, budget - len(chain),
                                                 eos_ids=tuple(eos))
             graft_chain(tree, drafted, origin, chain, tuple(eos))
+        elif method == "dyspec" and calibration is None and threshold is None:
+            runner.start(p)
+            tree, drafted, origin = layered_heap_tree(root, runner, budget, eos_ids=tuple(eos),
+                                                      generator=draft_gen)
         else:
             runner.start(p)
             common = dict(eos_ids=tuple(eos), generator=draft_gen, deterministic=greedy)
