@@ -61,8 +61,19 @@ def _static(acceptance=(0.5, 0.2, 0.1), budget=6):
     return lambda fn, g: draft_tree.static_tree(0, fn, shape, generator=g)
 
 
-@pytest.mark.parametrize("build", [_heap(), _threshold(), _static(), _layered()],
-                         ids=["heap", "threshold", "static", "layered-heap"])
+def _layered_calibrated(budget=6):
+    calibration = draft_tree.Calibration()
+    calibration.table = [0.05 + 0.09 * b for b in range(calibration.bins)]  # as if learnt
+
+    def build(fn, g):
+        return layered_heap_tree(0, fn, budget=budget, generator=g, min_value=0.05,
+                                 calibration=calibration)[0]
+    return build
+
+
+@pytest.mark.parametrize("build", [_heap(), _threshold(), _static(), _layered(),
+                                   _layered_calibrated()],
+                         ids=["heap", "threshold", "static", "layered-heap", "layered-calibrated"])
 def test_tree_speculative_sampling_matches_the_target_law_quick(build):
     p, chi2 = _p_value(*_sample_pairs(20_000, build))
     assert p > 1e-3, chi2

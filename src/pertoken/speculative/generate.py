@@ -173,12 +173,13 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
     ``budget`` most probable draft paths instead
     (:func:`~pertoken.speculative.draft_tree.ranked_tree`: 1.96 tokens per call against 1.75
     for the threshold tree on wiki-en prompts with the SmolLM2 EAGLE head), and sampling
-    DySpec without either builds the heap construction's tree layer by layer
+    DySpec without a ``threshold`` builds the heap construction's tree layer by layer
     (:func:`~pertoken.speculative.draft_tree.layered_heap_tree`). With
     ``calibration`` (``True``, or a :class:`Calibration` to keep across calls) the drafts'
-    shares are first mapped to acceptance rates learnt online from the verified steps, and
-    the default threshold adapts after every step so that trees fill the budget; only past
-    steps decide either, so the output law is unchanged (measured on
+    shares are first mapped to acceptance rates learnt online from the verified steps (and
+    greedy DySpec then grows the threshold tree, whose default threshold adapts after every
+    step so that trees fill the budget); only past steps decide either, so the output law is
+    unchanged (measured on
     SmolLM2 it did not beat the raw probabilities, hence off by default). The ``tree``
     method fills the fixed ``tree_shape`` (a parents list, see
     :func:`~pertoken.speculative.draft_tree.static_shape`; by default the shape for
@@ -253,10 +254,10 @@ def _loop(target, target_cache, runner, capture, method, root, budget, temperatu
             tree, drafted, origin = ranked_tree(root, runner, budget - len(chain),
                                                 eos_ids=tuple(eos))
             graft_chain(tree, drafted, origin, chain, tuple(eos))
-        elif method == "dyspec" and calibration is None and threshold is None:
+        elif method == "dyspec" and threshold is None and not greedy:
             runner.start(p)
             tree, drafted, origin = layered_heap_tree(root, runner, budget, eos_ids=tuple(eos),
-                                                      generator=draft_gen)
+                                                      generator=draft_gen, calibration=calibration)
         else:
             runner.start(p)
             common = dict(eos_ids=tuple(eos), generator=draft_gen, deterministic=greedy)
