@@ -325,9 +325,10 @@ def train_draft(target, tokenizer, documents, out: str | Path, cfg: DraftTrainCo
     """Distil a draft for ``target`` on ``documents`` into the folder ``out``; return its stats.
 
     ``target`` should be in bfloat16 for speed (it only provides soft labels); the draft trains
-    in float32 with bfloat16 autocast, on the target's device (CPU or CUDA). With ``cfg.self_chat``, that many conversations sampled
-    from the target come first and the corpus fills the rest of ``cfg.train_tokens``; with
-    ``cfg.init``, training starts from that draft.
+    in float32 with bfloat16 autocast, on the target's device (CPU or CUDA). With
+    ``cfg.self_chat``, that many conversations sampled from the target come first and the
+    corpus fills the rest of ``cfg.train_tokens``; with ``cfg.init``, training starts from
+    that draft.
     """
     from tqdm.auto import tqdm
 

@@ -9,7 +9,8 @@ smooth-L1 regression of the predicted feature on the target's (EAGLE's two losse
 features carry uniform noise, and the head is also trained one step unrolled on its own
 predicted features, the way deeper tree nodes use it (as HASS does). Measured on SmolLM2 with
 448 self-chats and 300k corpus tokens: held-out top-1 agreement 0.45 after 6 epochs, against
-0.36 for the distilled 2-layer draft.
+0.36 for the distilled 2-layer draft; with 3072 self-chats and 5M tokens, 8 epochs at batch 32
+(``--device cuda``: 7 minutes on one H200), 0.596.
 """
 
 from __future__ import annotations
