@@ -176,6 +176,32 @@ def heap_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequence
     return tree
 
 
+def _keep_best(best: list[float], value: float, budget: int) -> None:
+    """Add ``value`` to ``best``, the min-heap of the ``budget`` best values so far."""
+    if len(best) >= budget:
+        heapq.heapreplace(best, value)
+    else:
+        heapq.heappush(best, value)
+
+
+def _chosen_tree(drafted: DraftTree, chosen: Sequence[int]) -> tuple[DraftTree, list[int]]:
+    """The tree of the ``chosen`` nodes of ``drafted`` (increasing indices, closed under
+    parents, so parents come first) and each node's index in ``drafted``. Shares, and the draft
+    distributions of nodes that keep children, come along where ``drafted`` has them."""
+    tree = DraftTree.root(drafted.tokens[0])
+    origin = [0]
+    index = {0: 0}
+    for i in chosen:
+        index[i] = tree.add(index[drafted.parents[i]], drafted.tokens[i])
+        if i in drafted.shares:
+            tree.shares[index[i]] = drafted.shares[i]
+        origin.append(i)
+    for i, j in index.items():
+        if tree.children[j] and i in drafted.draft_probs:
+            tree.draft_probs[j] = drafted.draft_probs[i]
+    return tree, origin
+
+
 def ranked_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequence[int] = (),
                 width: int = 8, max_depth: int = 16,
                 min_value: float = 0.1) -> tuple[DraftTree, DraftTree, list[int]]:
@@ -219,10 +245,7 @@ def ranked_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequen
         for v, node, y in new:
             if len(best) >= budget and v <= best[0]:
                 break  # sorted: no later candidate enters either
-            if len(best) >= budget:
-                heapq.heapreplace(best, v)
-            else:
-                heapq.heappush(best, v)
+            _keep_best(best, v, budget)
             child = drafted.add(node, y)
             value.append(v)
             if y not in eos_ids:
@@ -230,20 +253,15 @@ def ranked_tree(root_token: int, draft_fn: DraftFn, budget: int, eos_ids: Sequen
         # a node displaced from the best ``budget`` since it was added has no child that enters
         frontier = [c for c in added if len(best) < budget or value[c] > best[0]]
     chosen = sorted(sorted(range(1, len(drafted)), key=lambda i: -value[i])[:budget])
-    tree = DraftTree.root(root_token)
-    origin = [0]
-    index = {0: 0}
-    for i in chosen:  # increasing indices: parents come first
-        index[i] = tree.add(index[drafted.parents[i]], drafted.tokens[i])
-        origin.append(i)
+    tree, origin = _chosen_tree(drafted, chosen)
     return tree, drafted, origin
 
 
 def layered_heap_tree(root_token: int, draft_fn: DraftFn, budget: int,
                       eos_ids: Sequence[int] = (), generator: torch.Generator | None = None,
                       deterministic: bool = False, width: int = 8, max_depth: int = 16,
-                      min_value: float = 0.1,
-                      calibration: Calibration | None = None) -> tuple[DraftTree, DraftTree, list[int]]:
+                      min_value: float = 0.1, calibration: Calibration | None = None
+                      ) -> tuple[DraftTree, DraftTree, list[int]]:
     """DySpec's heap tree (Alg. 1), built layer by layer with one draft call per layer.
 
     Each slot ("draw one more child at node ``i``") has a value known before the draw: ``v_i``,
@@ -283,25 +301,14 @@ def layered_heap_tree(root_token: int, draft_fn: DraftFn, budget: int,
                 child, accept, left = _add_drawn(drafted, node, y, left, calibration)
                 slot.append(v)
                 value.append(v * accept)
-                if len(best) >= budget:
-                    heapq.heapreplace(best, v)
-                else:
-                    heapq.heappush(best, v)
+                _keep_best(best, v, budget)
                 v *= 1 - accept
                 if y not in eos_ids:
                     added.append(child)
         frontier = added
+    # increasing indices keep earlier siblings first, in the order they were drawn
     chosen = sorted(sorted(range(1, len(drafted)), key=lambda i: -slot[i])[:budget])
-    tree = DraftTree.root(root_token)
-    origin = [0]
-    index = {0: 0}
-    for i in chosen:  # increasing indices: parents and earlier siblings come first
-        index[i] = tree.add(index[drafted.parents[i]], drafted.tokens[i])
-        tree.shares[index[i]] = drafted.shares[i]
-        origin.append(i)
-    for i, j in index.items():
-        if tree.children[j]:
-            tree.draft_probs[j] = drafted.draft_probs[i]
+    tree, origin = _chosen_tree(drafted, chosen)
     return tree, drafted, origin
 
 

@@ -2,8 +2,8 @@
 sampling (``chain``: ``budget`` tokens drafted one after another), Sequoia's static tree
 (``tree``) and DySpec (``dyspec``: the heap construction's tree built with one draft call per
 layer, at temperature 0 the most probable draft paths, and the threshold tree when given a
-threshold, or greedy with a calibration; ``dyspec-heap``: the heap construction with one draft call per
-expanded node), each verified in one target pass per step.
+threshold, or greedy with a calibration; ``dyspec-heap``: the heap construction with one draft
+call per expanded node), each verified in one target pass per step.
 
 Caches follow spec §1.4: ``P`` committed tokens are cached; the root (the last committed
 token) is not, and is query 0 of the next tree pass. After verification the target cache keeps
