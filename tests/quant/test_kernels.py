@@ -38,11 +38,64 @@ def test_compiled_quantizers_and_epilogue_match_the_eager_definitions(compiled):
             want_codes, want_scale = per_token_codes(x, bits)
             _close_codes(codes, want_codes)
             assert torch.allclose(scale, want_scale)
+            unsigned = kernels.static_codes(x, inv, bits, shift, unsigned=True)
+            assert unsigned.dtype == torch.uint8
+            _close_codes(unsigned.int() - 128, static_codes(x, inv, bits, shift))
+            unsigned, scale = kernels.per_token_codes(x, bits, unsigned=True)
+            _close_codes(unsigned.int() - 128, want_codes)
         acc = torch.randint(-2**20, 2**20, (m, 24), generator=g, dtype=torch.int32)
         ws, b, ts = torch.rand(24, generator=g), torch.randn(24, generator=g), torch.rand(m)
         for args in ((ts, ws, b), (None, ws, b), (ts, ws, None), (None, ws, None)):
             assert torch.allclose(kernels.epilogue(acc, *args), epilogue(acc, *args),
                                   rtol=1e-6, atol=1e-6)
+
+
+def _rms(x, weight, eps):
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def test_the_fused_layer_kernels_match_their_eager_formulas(compiled):
+    """Each kernel of the fused decoder layer against the unfused computation it replaces:
+    HF's rotary embedding and head split, RMSNorm then the static quantizer, the residual
+    connection after a per-token linear, and o_proj's per-token quantizer on the heads."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(2)
+    heads, kv_heads, dim = 4, 2, 8
+    for batch, tokens in ((1, 24), (2, 17), (1, 40)):
+        qkv = torch.randn(batch, tokens, (heads + 2 * kv_heads) * dim, generator=g)
+        angle = torch.rand(batch, tokens, dim // 2, generator=g) * 6
+        cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+        q, k, v = kernels.rope_qkv(qkv, cos, sin, heads, kv_heads)
+        split = qkv.view(batch, tokens, -1, dim).transpose(1, 2)
+        want_q, want_k = apply_rotary_pos_emb(split[:, :heads], split[:, heads:heads + kv_heads],
+                                              cos, sin)
+        for got, want in ((q, want_q), (k, want_k), (v, split[:, heads + kv_heads:])):
+            assert got.is_contiguous() and torch.allclose(got, want, atol=1e-6)
+
+        x, y = torch.randn(batch * tokens, 48, generator=g), torch.randn(batch * tokens, 48)
+        weight, inv = torch.rand(48, generator=g) + 0.5, torch.rand(48, generator=g) * 20 + 1
+        shift, bias, ts = torch.randn(48) * 0.1, torch.randn(48), torch.rand(batch * tokens)
+        for sh in (shift, None):
+            _close_codes(kernels.rms_norm_codes(x, weight, 1e-5, inv, 8, sh).int() - 128,
+                         static_codes(_rms(x, weight, 1e-5), inv, 8, sh))
+            for b in (bias, None):
+                want_h = x + y * ts[:, None] + (b if b is not None else 0)
+                h, codes = kernels.add_rms_norm_codes(x, y, ts, b, weight, 1e-5, inv, 8, sh)
+                assert torch.allclose(h, want_h, atol=1e-6)
+                assert torch.allclose(kernels.add_scaled(x, y, ts, b), want_h, atol=1e-6)
+                _close_codes(codes.int() - 128,
+                             static_codes(_rms(want_h, weight, 1e-5), inv, 8, sh))
+
+        attn = torch.randn(batch, heads, tokens, dim, generator=g)
+        flat = attn.transpose(1, 2).reshape(batch * tokens, heads * dim)
+        inv = torch.rand(heads * dim, generator=g) + 0.5
+        for scale_in in (inv, None):
+            codes, scale = kernels.heads_per_token_codes(attn, scale_in, 8)
+            want_codes, want_scale = per_token_codes(flat * scale_in if scale_in is not None
+                                                     else flat, 8)
+            _close_codes(codes.int() - 128, want_codes)
+            assert torch.allclose(scale, want_scale)
 
 
 def test_a_quantized_linear_gives_the_same_outputs_on_compiled_kernels():
@@ -60,44 +113,93 @@ def test_a_quantized_linear_gives_the_same_outputs_on_compiled_kernels():
     assert torch.allclose(fused, eager, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_norm_and_mlp_blocks_match_the_unfused_model(tmp_path):
-    """The fused RMSNorm (norm and group codes in one loop) and MLP (SwiGLU's product and
-    down_proj's per-token quantizer in one loop) give the unfused model's logits, survive a
-    reload, and the fused norm's codes replace the group's own quantizer call."""
+def _quantized_tiny_llama(tmp_path):
     from pertoken.models import tiny_llama
     from pertoken.quant import qlinear
     from pertoken.quant.convert import QuantConfig, quantize_model
     from pertoken.quant.io import load, save_quantized
 
     if not qlinear.onednn_available():
-        pytest.skip("the fused MLP runs on oneDNN's quantized linear")
+        pytest.skip("the fused blocks run on oneDNN's quantized linear")
     model, tokenizer = tiny_llama(hidden_size=64, intermediate_size=128)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(4, 200, (2, 24), generator=g) for _ in range(4)]
     quantize_model(model, batches, QuantConfig(), progress=False)
     save_quantized(model, tokenizer, tmp_path / "q", {})
-    again, _ = load(tmp_path / "q")
-    layer = again.model.layers[0]
-    assert "forward" in vars(layer.input_layernorm) and "forward" in vars(layer.mlp)
-    ids = torch.randint(4, 200, (2, 24), generator=g)
+    return load(tmp_path / "q")[0]
+
+
+def _close_logits(got, want):
+    assert (got - want).abs().max() < 1e-3 * want.abs().max(), (got - want).abs().max()
+
+
+def test_the_fused_decoder_layer_matches_the_unfused_model(tmp_path):
+    """With the compiled kernels on, a whole Llama decoder layer runs fused (the norms' codes,
+    q/k/v as one GEMM, the rotary embedding, SDPA, o_proj's codes, the residual connections,
+    gate/up, SwiGLU and down_proj's codes) and gives the unfused model's logits after a
+    reload, with no quantizer call left to the linears themselves."""
+    model = _quantized_tiny_llama(tmp_path)
+    layer = model.model.layers[0]
+    assert all("forward" in vars(m) for m in (layer, layer.input_layernorm, layer.mlp))
+    ids = torch.randint(4, 200, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        want = again(input_ids=ids).logits
+        want = model(input_ids=ids).logits
     calls = []
     original = QuantLinear.codes
 
-    def counting(self, x):
+    def counting(self, x, *args, **kwargs):
         calls.append(self)
-        return original(self, x)
+        return original(self, x, *args, **kwargs)
 
     assert kernels.use_compiled_kernels(True)
     QuantLinear.codes = counting
     try:
         with torch.no_grad():
-            got = again(input_ids=ids).logits
+            got = model(input_ids=ids).logits
     finally:
         QuantLinear.codes = original
         kernels.use_compiled_kernels(False)
-    assert (got - want).abs().max() < 1e-3 * want.abs().max(), (got - want).abs().max()
-    # per layer only o_proj quantizes its input itself (q/k/v and gate/up get the norm's
-    # codes, down_proj's come from the fused MLP)
-    assert len(calls) == 2 and all(c.out_features == 64 and c.act == "per-token" for c in calls)
+    _close_logits(got, want)
+    assert calls == []
+
+
+def test_the_fused_decoder_layer_handles_caches_masks_and_decoding(tmp_path):
+    """Greedy generation (a fused prefill, then one-token steps that run unfused on the
+    cache the fused layers filled), a prefill continued on a cache (keys longer than the
+    queries) and a left-padded batch (an attention mask) all give the unfused results."""
+    model = _quantized_tiny_llama(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(4, 200, (1, 20), generator=g)
+    more = torch.randint(4, 200, (1, 18), generator=g)
+    padded = torch.randint(4, 200, (2, 24), generator=g)
+    mask = torch.ones_like(padded)
+    mask[1, :5] = 0
+
+    def outputs():
+        with torch.no_grad():
+            tokens = model.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+            first = model(input_ids=prompt, use_cache=True)
+            second = model(input_ids=more, past_key_values=first.past_key_values).logits
+            masked = model(input_ids=padded, attention_mask=mask).logits
+        return tokens, second, masked * mask[..., None]
+
+    want = outputs()
+    fused_layers = []
+    rope = kernels.rope_qkv
+
+    def counting(qkv, *args):
+        fused_layers.append(qkv.shape[1])
+        return rope(qkv, *args)
+
+    assert kernels.use_compiled_kernels(True)
+    kernels.rope_qkv = counting
+    try:
+        got = outputs()
+    finally:
+        kernels.rope_qkv = rope
+        kernels.use_compiled_kernels(False)
+    # two layers fused in each of the prefill, the first and second calls, the padded batch
+    assert fused_layers == [20, 20, 20, 20, 18, 18, 24, 24]
+    assert torch.equal(got[0], want[0])
+    _close_logits(got[1], want[1])
+    _close_logits(got[2], want[2])

@@ -1,21 +1,31 @@
 """Fused blocks around the integer linears of a Llama-family decoder layer, for speed.
 
-With the compiled kernels on (:func:`pertoken.quant.kernels.use_compiled_kernels`):
+With the compiled kernels on (:func:`pertoken.quant.kernels.use_compiled_kernels`) and enough
+tokens for oneDNN's GEMM (a prefill):
 
-- an RMSNorm that feeds a static group (``input_layernorm`` -> q/k/v,
-  ``post_attention_layernorm`` -> gate/up) computes its output and the group's activation codes
-  in one compiled loop, and hands the codes to the group (which then skips its quantizer);
-- the MLP runs gate/up as one oneDNN GEMM, SwiGLU's product and the per-token quantizer of
-  ``down_proj``'s input as one compiled loop, and ``down_proj`` on those codes.
+- a whole ``LlamaDecoderLayer`` whose linears are all quantized (q/k/v and gate/up as static
+  groups, o_proj and down_proj per token) runs as: the input RMSNorm and the q/k/v codes in one
+  loop; q/k/v as one GEMM; the head split and the rotary embedding in one loop that writes the
+  contiguous heads SDPA runs fastest on; SDPA; o_proj's per-token codes read straight from the
+  heads; o_proj's GEMM; the residual connection, the post-attention RMSNorm and the gate/up
+  codes in one loop; gate/up as one GEMM; SwiGLU's product and down_proj's codes in one loop;
+  down_proj's GEMM; its token scales and the residual connection in one loop. Codes go to
+  oneDNN as its unsigned bytes directly. Forward hooks on the layer's submodules do not fire
+  on this path (the layer's own do);
+- elsewhere, an RMSNorm that feeds a static group computes its output and the group's codes in
+  one loop and hands the codes to the group, and the MLP runs gate/up as one GEMM, then SwiGLU
+  and ``down_proj``'s quantizer as one loop.
 
-Both compute the same formulas as the unfused modules (HF's RMSNorm and ``LlamaMLP``, then
-the quantizers), so outputs agree to float rounding. The original forwards run whenever the
-compiled kernels are off, the inputs are not float32 CPU tensors, or the GEMM backend is not
-oneDNN (the MLP). Hand-written glue: the fusion itself is inductor's.
+All compute the formulas of the unfused modules (HF's RMSNorm, rotary embedding, attention
+and ``LlamaMLP``, then the quantizers), so outputs agree to float rounding. The original
+forwards run whenever the compiled kernels are off, the inputs are not float32 CPU tensors,
+the GEMM backend is not oneDNN (one-token decoding) or attention weights are asked for.
+Hand-written glue: the fusion itself is inductor's.
 """
 
 from __future__ import annotations
 
+import sys
 import types
 
 import torch
@@ -36,9 +46,11 @@ def _norm_forward(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
             and norm.weight.dtype == torch.float32):
         return type(norm).forward(norm, x)
     lead: QuantLinear = group.layers[0]
+    flat = x.reshape(-1, x.shape[-1])
     y, codes = kernels.rms_norm_static_codes(
-        x.reshape(-1, x.shape[-1]), norm.weight, norm.variance_epsilon, lead.inv_scale,
-        lead.a_bits, lead.shift if lead.shift.numel() else None)
+        flat, norm.weight, norm.variance_epsilon, lead.inv_scale, lead.a_bits,
+        lead.shift if lead.shift.numel() else None,
+        unsigned=gemm_backend(x.device, flat.shape[0]) == "onednn")
     out = y.view(x.shape)
     group.prime(out, codes)
     return out
@@ -51,11 +63,96 @@ def _mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
             and gemm_backend(x.device, x.numel() // x.shape[-1]) == "onednn"):
         return type(mlp).forward(mlp, x)
     flat = x.reshape(-1, gate.in_features)
-    gate_up = _onednn_weights(group, group.layers)(*gate.input_codes(x, flat))
+    gate_up = _onednn_weights(group, group.layers)(*gate.input_codes(x, flat, True))
     codes, scale = kernels.silu_mul_per_token_codes(
-        gate_up, down.inv_scale if down.inv_scale.numel() else None, down.a_bits)
+        gate_up, down.inv_scale if down.inv_scale.numel() else None, down.a_bits, unsigned=True)
     y = _onednn_weights(down, [down])(codes, scale)
     return y.view(*x.shape[:-1], down.out_features)
+
+
+def _optional(t: torch.Tensor) -> torch.Tensor | None:
+    return t if t.numel() else None
+
+
+def _layer_forward(layer: nn.Module, hidden_states: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None, cache=None,
+                   use_cache: bool | None = False,
+                   position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   **kwargs):
+    if cache is None:
+        cache = kwargs.pop("past_key_values", None)
+    x = hidden_states
+    if not (kernels.compiled_kernels_on() and x.dtype == torch.float32 and x.dim() == 3
+            and position_embeddings is not None and not kwargs.get("output_attentions")
+            and gemm_backend(x.device, x.shape[0] * x.shape[1]) == "onednn"):
+        return type(layer).forward(layer, hidden_states, attention_mask=attention_mask,
+                                   position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                   position_embeddings=position_embeddings, **kwargs)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    attn, mlp = layer.self_attn, layer.mlp
+    norm, o_proj, down = layer.input_layernorm, attn.o_proj, mlp.down_proj
+    qkv_group, mlp_group = attn.q_proj.shared, mlp.gate_proj.shared
+    first, gate = qkv_group.layers[0], mlp_group.layers[0]
+    flat = x.reshape(-1, x.shape[-1])
+    codes = kernels.rms_norm_codes(flat, norm.weight, norm.variance_epsilon, first.inv_scale,
+                                   first.a_bits, _optional(first.shift))
+    qkv = _onednn_weights(qkv_group, qkv_group.layers)(codes, None)
+    heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
+    query, key, value = kernels.rope_qkv(qkv.view(*x.shape[:-1], -1), *position_embeddings,
+                                         heads, kv_heads)
+    attn_kwargs = {"position_ids": position_ids, "use_cache": use_cache, **kwargs}
+    if cache is not None:
+        key, value = cache.update(key, value, attn.layer_idx, kwargs=attn_kwargs)
+    if (attention_mask is None and attn.config._attn_implementation == "sdpa"
+            and query.shape[2] == key.shape[2]):
+        out = nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=attn.scaling,
+            enable_gqa=heads != kv_heads)
+        codes, token_scale = kernels.heads_per_token_codes(out, _optional(o_proj.inv_scale),
+                                                           o_proj.a_bits)
+    else:
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
+                                                       attn._pertoken_eager)
+        out, _ = attend(attn, query, key, value, attention_mask, dropout=0.0,
+                        scaling=attn.scaling, **attn_kwargs)
+        codes, token_scale = o_proj.codes(out.reshape(-1, o_proj.in_features), unsigned=True)
+    y = _onednn_weights(o_proj, [o_proj]).unscaled(codes)
+    norm = layer.post_attention_layernorm
+    h, codes = kernels.add_rms_norm_codes(flat, y, token_scale, _optional(o_proj.bias),
+                                          norm.weight, norm.variance_epsilon, gate.inv_scale,
+                                          gate.a_bits, _optional(gate.shift))
+    gate_up = _onednn_weights(mlp_group, mlp_group.layers)(codes, None)
+    codes, token_scale = kernels.silu_mul_per_token_codes(gate_up, _optional(down.inv_scale),
+                                                          down.a_bits, unsigned=True)
+    y = _onednn_weights(down, [down]).unscaled(codes)
+    return kernels.add_scaled(h, y, token_scale, _optional(down.bias)).view(x.shape)
+
+
+def _fusable_layer(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a Llama decoder layer whose whole forward can run fused: RMSNorms,
+    q/k/v and gate/up as linked static groups, o_proj and down_proj per-token, SiLU, and the
+    attention's own fields (no extra submodules such as q/k norms)."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if type(attn).__name__ != "LlamaAttention" or mlp is None:
+        return False
+    norms = (getattr(layer, "input_layernorm", None),
+             getattr(layer, "post_attention_layernorm", None))
+    q, k, v, o = (getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+    linears = (q, k, v, o, gate, up, down)
+    act = getattr(mlp, "act_fn", None)
+    eager = getattr(sys.modules.get(type(attn).__module__), "eager_attention_forward", None)
+    return (all(n is not None and _is_rms_norm(n) for n in norms)
+            and all(isinstance(m, QuantLinear) for m in linears)
+            and q.act == gate.act == "static" and o.act == down.act == "per-token"
+            and q.shared is not None and q.shared.layers == [q, k, v]
+            and gate.shared is not None and gate.shared.layers == [gate, up]
+            and o.shared is None and down.shared is None
+            and {n for n, _ in attn.named_children()} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+            and (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation")
+            and eager is not None and hasattr(attn, "config") and hasattr(attn, "scaling"))
 
 
 def link_fused_blocks(model: nn.Module) -> int:
@@ -76,6 +173,11 @@ def link_fused_blocks(model: nn.Module) -> int:
                 norm._pertoken_group = first.shared
                 norm.forward = types.MethodType(_norm_forward, norm)
                 fused += 1
+        if _fusable_layer(layer):
+            layer.self_attn._pertoken_eager = sys.modules[
+                type(layer.self_attn).__module__].eager_attention_forward
+            layer.forward = types.MethodType(_layer_forward, layer)
+            fused += 1
         gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
         act = getattr(mlp, "act_fn", None)
         if (isinstance(gate, QuantLinear) and isinstance(up, QuantLinear)

@@ -45,28 +45,77 @@ def compiled_kernels_on() -> bool:
     return _state["on"]
 
 
-def _static(x, inv_scale, shift, lo: int, hi: int):
+def _as_codes(u, unsigned: bool):
+    """Rounded values in the code range as int8, or, for oneDNN, as the unsigned bytes
+    ``code + 128``."""
+    return (u + 128).to(torch.uint8) if unsigned else u.to(torch.int8)
+
+
+def _static(x, inv_scale, shift, lo: int, hi: int, unsigned: bool = False):
     u = torch.addcmul(shift * -inv_scale, x, inv_scale) if shift is not None else x * inv_scale
-    return u.clamp(lo, hi).round().to(torch.int8)
+    return _as_codes(u.clamp(lo, hi).round(), unsigned)
 
 
-def _per_token(x, lo: int, hi: int):
+def _per_token(x, lo: int, hi: int, unsigned: bool = False):
     scale = x.abs().amax(dim=-1).clamp(min=EPS) / hi
-    return (x / scale[:, None]).clamp(lo, hi).round().to(torch.int8), scale
+    return _as_codes((x / scale[:, None]).clamp(lo, hi).round(), unsigned), scale
 
 
-def _rms_norm_static(x, weight, eps: float, inv_scale, shift, lo: int, hi: int):
+def _rms_norm_static(x, weight, eps: float, inv_scale, shift, lo: int, hi: int,
+                     unsigned: bool = False):
     y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     y = weight * y
-    return y, _static(y, inv_scale, shift, lo, hi)
+    return y, _static(y, inv_scale, shift, lo, hi, unsigned)
 
 
-def _silu_mul_per_token(gate_up, inv_scale, lo: int, hi: int):
+def _silu_mul_per_token(gate_up, inv_scale, lo: int, hi: int, unsigned: bool = False):
     half = gate_up.shape[-1] // 2
     h = torch.nn.functional.silu(gate_up[:, :half]) * gate_up[:, half:]
     if inv_scale is not None:
         h = h * inv_scale
-    return _per_token(h, lo, hi)
+    return _per_token(h, lo, hi, unsigned)
+
+
+def _rope_qkv(qkv, cos, sin, heads: int, kv_heads: int):
+    batch, tokens, width = qkv.shape
+    dim = width // (heads + 2 * kv_heads)
+    x = qkv.view(batch, tokens, heads + 2 * kv_heads, dim).transpose(1, 2)
+    c, s = cos[:, None], sin[:, None]
+
+    def rotated(t):
+        return t * c + torch.cat((-t[..., dim // 2:], t[..., :dim // 2]), dim=-1) * s
+
+    q = rotated(x[:, :heads]).contiguous()
+    k = rotated(x[:, heads:heads + kv_heads]).contiguous()
+    return q, k, x[:, heads + kv_heads:].contiguous()
+
+
+def _rms_norm_codes(x, weight, eps: float, inv_scale, shift, lo: int, hi: int):
+    y = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    return _static(y, inv_scale, shift, lo, hi, True)
+
+
+def _scaled(y, token_scale, bias):
+    y = y * token_scale[:, None]
+    return y + bias if bias is not None else y
+
+
+def _add_rms_norm_codes(residual, y, token_scale, bias, weight, eps: float, inv_scale, shift,
+                        lo: int, hi: int):
+    h = residual + _scaled(y, token_scale, bias)
+    return h, _rms_norm_codes(h, weight, eps, inv_scale, shift, lo, hi)
+
+
+def _add_scaled(residual, y, token_scale, bias):
+    return residual + _scaled(y, token_scale, bias)
+
+
+def _heads_per_token(attn, inv_scale, lo: int, hi: int):
+    batch, heads, tokens, dim = attn.shape
+    x = attn.transpose(1, 2).reshape(batch * tokens, heads * dim)
+    if inv_scale is not None:
+        x = x * inv_scale
+    return _per_token(x, lo, hi, True)
 
 
 def _epilogue(acc, token_scale, weight_scale, bias):
@@ -77,38 +126,93 @@ def _epilogue(acc, token_scale, weight_scale, bias):
     return y + bias if bias is not None else y
 
 
-def _compiled(name: str, fn):
+def _compiled(name: str, fn, dynamic: bool | None = True):
+    """``fn`` compiled once per process. ``dynamic=None`` leaves dynamo to make only the
+    dimensions that change between calls symbolic (the token count), which keeps the widths
+    constant and the loops over them vectorized; a kernel compiled so must be keyed by its
+    widths (``name``) so that one graph never sees two."""
     fns = _state["fns"]
     if name not in fns:
-        fns[name] = torch.compile(fn, dynamic=True)
+        fns[name] = torch.compile(fn, dynamic=dynamic)
     return fns[name]
 
 
 def static_codes(x: torch.Tensor, inv_scale: torch.Tensor, bits: int,
-                 shift: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`pertoken.quant.quantizers.static_codes`, fused."""
-    return _compiled("static", _static)(x, inv_scale, shift, *code_range(bits))
+                 shift: torch.Tensor | None = None, unsigned: bool = False) -> torch.Tensor:
+    """:func:`pertoken.quant.quantizers.static_codes`, fused (``unsigned``: as the bytes
+    ``code + 128``)."""
+    return _compiled("static", _static)(x, inv_scale, shift, *code_range(bits), unsigned)
 
 
-def per_token_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`pertoken.quant.quantizers.per_token_codes`, fused."""
-    return _compiled("per_token", _per_token)(x, *code_range(bits))
+def per_token_codes(x: torch.Tensor, bits: int,
+                    unsigned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pertoken.quant.quantizers.per_token_codes`, fused (``unsigned``: as the bytes
+    ``code + 128``)."""
+    return _compiled("per_token", _per_token)(x, *code_range(bits), unsigned)
 
 
 def rms_norm_static_codes(x: torch.Tensor, weight: torch.Tensor, eps: float,
                           inv_scale: torch.Tensor, bits: int,
-                          shift: torch.Tensor | None = None):
+                          shift: torch.Tensor | None = None, unsigned: bool = False):
     """A Llama RMSNorm of ``x`` (tokens, d) in float32 and the static codes of its output, in
-    one fused pass: ``(y, static_codes(y, inv_scale, bits, shift))``."""
+    one fused pass: ``(y, static_codes(y, inv_scale, bits, shift))``; with ``unsigned`` the
+    codes come as the bytes ``code + 128`` that oneDNN's GEMM reads."""
     return _compiled("rms_static", _rms_norm_static)(x, weight, eps, inv_scale, shift,
-                                                     *code_range(bits))
+                                                     *code_range(bits), unsigned)
 
 
-def silu_mul_per_token_codes(gate_up: torch.Tensor, inv_scale: torch.Tensor | None, bits: int):
+def silu_mul_per_token_codes(gate_up: torch.Tensor, inv_scale: torch.Tensor | None, bits: int,
+                             unsigned: bool = False):
     """SwiGLU's product ``silu(gate) * up`` (times ``inv_scale``, SmoothQuant's migration) of
     the side-by-side ``[gate | up]`` outputs, quantized per token, fused:
-    ``per_token_codes(silu(g) * u * inv_scale, bits)``."""
-    return _compiled("silu_mul", _silu_mul_per_token)(gate_up, inv_scale, *code_range(bits))
+    ``per_token_codes(silu(g) * u * inv_scale, bits)`` (``unsigned``: as the bytes
+    ``code + 128``)."""
+    return _compiled(f"silu_mul_{gate_up.shape[-1]}", _silu_mul_per_token, dynamic=None)(
+        gate_up, inv_scale, *code_range(bits), unsigned)
+
+
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+             kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The side-by-side ``[q | k | v]`` projections (batch, tokens, (heads + 2 kv_heads) dim)
+    split into heads, with Llama's rotary embedding (``cos``, ``sin``: (batch, tokens, dim))
+    applied to q and k, in one fused pass that writes each as a contiguous (batch, heads,
+    tokens, dim) tensor (the layout SDPA runs fastest on): the formulas of HF's
+    ``apply_rotary_pos_emb``."""
+    name = f"rope_qkv_{qkv.shape[-1]}_{cos.shape[-1]}_{heads}_{kv_heads}"
+    return _compiled(name, _rope_qkv, dynamic=None)(qkv, cos, sin, heads, kv_heads)
+
+
+def rms_norm_codes(x: torch.Tensor, weight: torch.Tensor, eps: float, inv_scale: torch.Tensor,
+                   bits: int, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """The static codes, as oneDNN's bytes ``code + 128``, of a Llama RMSNorm of ``x``
+    (tokens, d) in float32, in one pass (the normalized values themselves are not kept)."""
+    return _compiled(f"rms_codes_{x.shape[-1]}", _rms_norm_codes, dynamic=None)(
+        x, weight, eps, inv_scale, shift, *code_range(bits))
+
+
+def add_rms_norm_codes(residual: torch.Tensor, y: torch.Tensor, token_scale: torch.Tensor,
+                       bias: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                       inv_scale: torch.Tensor, bits: int, shift: torch.Tensor | None = None):
+    """A residual connection followed by a Llama RMSNorm and its static codes, in one pass:
+    ``h = residual + y * token_scale[:, None] + bias`` (``y`` a per-token linear's output before
+    its token scales) and ``(h, rms_norm_codes(h, ...))``."""
+    return _compiled(f"add_rms_codes_{y.shape[-1]}", _add_rms_norm_codes, dynamic=None)(
+        residual, y, token_scale, bias, weight, eps, inv_scale, shift, *code_range(bits))
+
+
+def add_scaled(residual: torch.Tensor, y: torch.Tensor, token_scale: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """``residual + y * token_scale[:, None] + bias`` in one pass."""
+    return _compiled(f"add_scaled_{y.shape[-1]}", _add_scaled, dynamic=None)(
+        residual, y, token_scale, bias)
+
+
+def heads_per_token_codes(attn: torch.Tensor, inv_scale: torch.Tensor | None, bits: int):
+    """Per-token codes (as oneDNN's bytes ``code + 128``) and scales of an attention output
+    (batch, heads, tokens, dim), read as the (batch * tokens, heads * dim) matrix that
+    ``o_proj`` takes, without writing that matrix out first."""
+    name = f"heads_per_token_{attn.shape[1]}_{attn.shape[3]}"
+    return _compiled(name, _heads_per_token, dynamic=None)(attn, inv_scale, *code_range(bits))
 
 
 def epilogue(acc: torch.Tensor, token_scale: torch.Tensor | None, weight_scale: torch.Tensor,

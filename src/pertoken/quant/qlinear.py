@@ -87,8 +87,9 @@ def _onednn_linear(codes: torch.Tensor, packed: torch.Tensor, scale: torch.Tenso
                    bias: torch.Tensor | None, zeros: torch.Tensor | None = None) -> torch.Tensor:
     """``(codes @ W^T) * scale + bias`` in float32 for int8 ``codes`` and a prepacked int8
     ``W``: the codes go in as the unsigned bytes ``codes + 128`` (the sign bit flipped) with
-    zero point 128; ``zeros`` are the weight zero points oneDNN wants (all 0)."""
-    unsigned = codes.view(torch.uint8).bitwise_xor(128)
+    zero point 128 (``codes`` given as uint8 are taken to be those bytes already); ``zeros``
+    are the weight zero points oneDNN wants (all 0)."""
+    unsigned = codes if codes.dtype == torch.uint8 else codes.view(torch.uint8).bitwise_xor(128)
     if zeros is None:
         zeros = torch.zeros(scale.numel(), dtype=torch.int32)
     return torch.ops.onednn.qlinear_pointwise(unsigned, 1.0, 128, packed, scale, zeros, bias,
@@ -127,13 +128,23 @@ class OnednnWeights:
                 key += (t.data_ptr(), t._version)
         return tuple(key)
 
-    def __call__(self, codes: torch.Tensor, token_scale: torch.Tensor | None) -> torch.Tensor:
-        """The float32 outputs (tokens, sum of out_features) for int8 ``codes``."""
-        static = token_scale is None
-        y = _onednn_linear(codes, self.packed, self.scale, self.bias if static else None,
+    def unscaled(self, codes: torch.Tensor, bias: bool = False) -> torch.Tensor:
+        """The outputs before the per-token scales (and, unless ``bias``, before the bias):
+        ``codes @ W^T`` times the weights' steps, with the zero-point term."""
+        y = _onednn_linear(codes, self.packed, self.scale, self.bias if bias else None,
                            self.zeros)
         if self.zero_scale is not None:
-            y.addr_(codes.sum(dim=1, dtype=torch.int32).float(), self.zero_scale, alpha=-1)
+            rowsum = codes.sum(dim=1, dtype=torch.int32)
+            if codes.dtype == torch.uint8:
+                rowsum -= 128 * codes.shape[1]
+            y.addr_(rowsum.float(), self.zero_scale, alpha=-1)
+        return y
+
+    def __call__(self, codes: torch.Tensor, token_scale: torch.Tensor | None) -> torch.Tensor:
+        """The float32 outputs (tokens, sum of out_features) for int8 ``codes`` (or the uint8
+        bytes ``code + 128``)."""
+        static = token_scale is None
+        y = self.unscaled(codes, bias=static)
         if not static:
             y.mul_(token_scale[:, None])
             if self.bias is not None:
@@ -272,16 +283,22 @@ class QuantLinear(nn.Module):
                 f"act={self.act}, asym={self.weight_zero.numel() > 0}, "
                 f"shift={self.shift.numel() > 0}")
 
-    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def codes(self, x: torch.Tensor,
+              unsigned: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The activation codes of ``x`` (tokens, in) and, per token, their scale (None for
-        static activations, whose scales are folded into the weight)."""
-        fused = kernels.compiled_kernels_on()
+        static activations, whose scales are folded into the weight). With ``unsigned`` the
+        compiled kernels may return the codes as oneDNN's bytes ``code + 128`` (uint8)."""
+        if kernels.compiled_kernels_on():
+            if self.act == "static":
+                return kernels.static_codes(x, self.inv_scale, self.a_bits,
+                                            self.shift if self.shift.numel() else None,
+                                            unsigned), None
+            return kernels.per_token_codes(x * self.inv_scale if self.inv_scale.numel() else x,
+                                           self.a_bits, unsigned)
         if self.act == "static":
             shift = self.shift if self.shift.numel() else None
-            quantize = kernels.static_codes if fused else static_codes
-            return quantize(x, self.inv_scale, self.a_bits, shift), None
-        quantize = kernels.per_token_codes if fused else per_token_codes
-        return quantize(x * self.inv_scale if self.inv_scale.numel() else x, self.a_bits)
+            return static_codes(x, self.inv_scale, self.a_bits, shift), None
+        return per_token_codes(x * self.inv_scale if self.inv_scale.numel() else x, self.a_bits)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight (out, in) the codes stand for."""
@@ -292,7 +309,9 @@ class QuantLinear(nn.Module):
 
     def accumulate(self, codes: torch.Tensor) -> torch.Tensor:
         """The int32 accumulator ``codes @ (W_codes - zero)^T`` (the zero-point term as one
-        in-place rank-one update)."""
+        in-place rank-one update); uint8 ``codes`` are oneDNN's bytes ``code + 128``."""
+        if codes.dtype == torch.uint8:
+            codes = codes.bitwise_xor(128).view(torch.int8)
         acc = int_matmul(codes, self.weight_t)
         if self.weight_zero.numel():
             acc.addr_(codes.sum(dim=1, dtype=torch.int32), self.weight_zero, alpha=-1)
@@ -317,19 +336,19 @@ class QuantLinear(nn.Module):
                    self.bias if self.bias.numel() else None)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
-    def input_codes(self, x: torch.Tensor, flat: torch.Tensor):
+    def input_codes(self, x: torch.Tensor, flat: torch.Tensor, unsigned: bool = False):
         """:meth:`codes` of ``flat`` (``x`` as a float matrix), or the codes a fused norm
         primed the group with for ``x``."""
         primed = self.shared.take_primed(x) if self.shared is not None else None
-        return (primed, None) if primed is not None else self.codes(flat)
+        return (primed, None) if primed is not None else self.codes(flat, unsigned)
 
     def _onednn_forward(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         group = self.shared
         if group is None:
-            return _onednn_weights(self, [self])(*self.codes(flat))
+            return _onednn_weights(self, [self])(*self.codes(flat, unsigned=True))
 
         def fused():
-            return _onednn_weights(group, group.layers)(*self.input_codes(x, flat))
+            return _onednn_weights(group, group.layers)(*self.input_codes(x, flat, True))
 
         start = group.starts[id(self)]
         return group.get(x, fused)[:, start:start + self.out_features]
