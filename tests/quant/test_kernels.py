@@ -57,45 +57,76 @@ def _rms(x, weight, eps):
 def test_the_fused_layer_kernels_match_their_eager_formulas(compiled):
     """Each kernel of the fused decoder layer against the unfused computation it replaces:
     HF's rotary embedding and head split, RMSNorm then the static quantizer, the residual
-    connection after a per-token linear, and o_proj's per-token quantizer on the heads."""
+    connection after a per-token linear, o_proj's per-token quantizer on the heads and SwiGLU's;
+    each with and without an asymmetric weight's zero-point term to subtract, and the row
+    sums of the codes they make."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     g = torch.Generator().manual_seed(2)
     heads, kv_heads, dim = 4, 2, 8
+
+    def zero_terms(rows, width):
+        rowsum = torch.randint(-900, 900, (rows,), generator=g).float()
+        zero_scale = torch.rand(width, generator=g) * 0.01
+        return [(None, 0), ((rowsum, zero_scale), rowsum[:, None] * zero_scale)]
+
+    def check_rowsum(codes, rowsum):
+        assert torch.equal(rowsum, (codes.int() - 128).sum(-1).float())
+
     for batch, tokens in ((1, 24), (2, 17), (1, 40)):
-        qkv = torch.randn(batch, tokens, (heads + 2 * kv_heads) * dim, generator=g)
+        rows, width = batch * tokens, (heads + 2 * kv_heads) * dim
+        qkv = torch.randn(batch, tokens, width, generator=g)
         angle = torch.rand(batch, tokens, dim // 2, generator=g) * 6
         cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
-        q, k, v = kernels.rope_qkv(qkv, cos, sin, heads, kv_heads)
-        split = qkv.view(batch, tokens, -1, dim).transpose(1, 2)
-        want_q, want_k = apply_rotary_pos_emb(split[:, :heads], split[:, heads:heads + kv_heads],
-                                              cos, sin)
-        for got, want in ((q, want_q), (k, want_k), (v, split[:, heads + kv_heads:])):
-            assert got.is_contiguous() and torch.allclose(got, want, atol=1e-6)
+        for zero, term in zero_terms(rows, width):
+            q, k, v = kernels.rope_qkv(qkv, zero, cos, sin, heads, kv_heads)
+            split = (qkv - term.view(batch, tokens, -1) if zero else qkv).view(
+                batch, tokens, -1, dim).transpose(1, 2)
+            want_q, want_k = apply_rotary_pos_emb(split[:, :heads],
+                                                  split[:, heads:heads + kv_heads], cos, sin)
+            for got, want in ((q, want_q), (k, want_k), (v, split[:, heads + kv_heads:])):
+                assert got.is_contiguous() and torch.allclose(got, want, atol=1e-5)
 
-        x, y = torch.randn(batch * tokens, 48, generator=g), torch.randn(batch * tokens, 48)
+        x, y = torch.randn(rows, 48, generator=g), torch.randn(rows, 48)
         weight, inv = torch.rand(48, generator=g) + 0.5, torch.rand(48, generator=g) * 20 + 1
-        shift, bias, ts = torch.randn(48) * 0.1, torch.randn(48), torch.rand(batch * tokens)
+        shift, bias, ts = torch.randn(48) * 0.1, torch.randn(48), torch.rand(rows)
         for sh in (shift, None):
-            _close_codes(kernels.rms_norm_codes(x, weight, 1e-5, inv, 8, sh).int() - 128,
-                         static_codes(_rms(x, weight, 1e-5), inv, 8, sh))
+            codes, rowsum = kernels.rms_norm_codes(x, weight, 1e-5, inv, 8, sh, True)
+            _close_codes(codes.int() - 128, static_codes(_rms(x, weight, 1e-5), inv, 8, sh))
+            check_rowsum(codes, rowsum)
             for b in (bias, None):
-                want_h = x + y * ts[:, None] + (b if b is not None else 0)
-                h, codes = kernels.add_rms_norm_codes(x, y, ts, b, weight, 1e-5, inv, 8, sh)
-                assert torch.allclose(h, want_h, atol=1e-6)
-                assert torch.allclose(kernels.add_scaled(x, y, ts, b), want_h, atol=1e-6)
-                _close_codes(codes.int() - 128,
-                             static_codes(_rms(want_h, weight, 1e-5), inv, 8, sh))
+                for zero, term in zero_terms(rows, 48):
+                    want_h = x + (y - term) * ts[:, None] + (b if b is not None else 0)
+                    h, codes, rowsum = kernels.add_rms_norm_codes(x, y, zero, ts, b, weight,
+                                                                  1e-5, inv, 8, sh, True)
+                    assert torch.allclose(h, want_h, atol=1e-5)
+                    assert torch.allclose(kernels.add_scaled(x, y, zero, ts, b), want_h,
+                                          atol=1e-5)
+                    _close_codes(codes.int() - 128,
+                                 static_codes(_rms(want_h, weight, 1e-5), inv, 8, sh))
+                    check_rowsum(codes, rowsum)
 
         attn = torch.randn(batch, heads, tokens, dim, generator=g)
-        flat = attn.transpose(1, 2).reshape(batch * tokens, heads * dim)
+        flat = attn.transpose(1, 2).reshape(rows, heads * dim)
         inv = torch.rand(heads * dim, generator=g) + 0.5
+        gate_up = torch.randn(rows, 64, generator=g)
         for scale_in in (inv, None):
-            codes, scale = kernels.heads_per_token_codes(attn, scale_in, 8)
+            codes, scale, rowsum = kernels.heads_per_token_codes(attn, scale_in, 8, True)
             want_codes, want_scale = per_token_codes(flat * scale_in if scale_in is not None
                                                      else flat, 8)
             _close_codes(codes.int() - 128, want_codes)
             assert torch.allclose(scale, want_scale)
+            check_rowsum(codes, rowsum)
+            for zero, term in zero_terms(rows, 64):
+                codes, scale, rowsum = kernels.silu_mul_codes(gate_up, zero, scale_in, 8,
+                                                              want_rowsum=True)
+                gu = gate_up - term
+                h = torch.nn.functional.silu(gu[:, :32]) * gu[:, 32:]
+                want_codes, want_scale = per_token_codes(h * scale_in if scale_in is not None
+                                                         else h, 8)
+                _close_codes(codes.int() - 128, want_codes)
+                assert torch.allclose(scale, want_scale)
+                check_rowsum(codes, rowsum)
 
 
 def test_a_quantized_linear_gives_the_same_outputs_on_compiled_kernels():
@@ -113,7 +144,7 @@ def test_a_quantized_linear_gives_the_same_outputs_on_compiled_kernels():
     assert torch.allclose(fused, eager, rtol=1e-4, atol=1e-4)
 
 
-def _quantized_tiny_llama(tmp_path):
+def _quantized_tiny_llama(tmp_path, weights: str = "rtn_asym"):
     from pertoken.models import tiny_llama
     from pertoken.quant import qlinear
     from pertoken.quant.convert import QuantConfig, quantize_model
@@ -124,7 +155,7 @@ def _quantized_tiny_llama(tmp_path):
     model, tokenizer = tiny_llama(hidden_size=64, intermediate_size=128)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(4, 200, (2, 24), generator=g) for _ in range(4)]
-    quantize_model(model, batches, QuantConfig(), progress=False)
+    quantize_model(model, batches, QuantConfig(weights=weights), progress=False)
     save_quantized(model, tokenizer, tmp_path / "q", {})
     return load(tmp_path / "q")[0]
 
@@ -133,12 +164,14 @@ def _close_logits(got, want):
     assert (got - want).abs().max() < 1e-3 * want.abs().max(), (got - want).abs().max()
 
 
-def test_the_fused_decoder_layer_matches_the_unfused_model(tmp_path):
+@pytest.mark.parametrize("weights", ["rtn_asym", "rtn_sym"])
+def test_the_fused_decoder_layer_matches_the_unfused_model(tmp_path, weights):
     """With the compiled kernels on, a whole Llama decoder layer runs fused (the norms' codes,
     q/k/v as one GEMM, the rotary embedding, SDPA, o_proj's codes, the residual connections,
-    gate/up, SwiGLU and down_proj's codes) and gives the unfused model's logits after a
-    reload, with no quantizer call left to the linears themselves."""
-    model = _quantized_tiny_llama(tmp_path)
+    gate/up, SwiGLU and down_proj's codes; asymmetric weights' zero-point terms inside the
+    next kernel) and gives the unfused model's logits after a reload, with no quantizer call
+    left to the linears themselves."""
+    model = _quantized_tiny_llama(tmp_path, weights)
     layer = model.model.layers[0]
     assert all("forward" in vars(m) for m in (layer, layer.input_layernorm, layer.mlp))
     ids = torch.randint(4, 200, (2, 24), generator=torch.Generator().manual_seed(1))

@@ -95,13 +95,25 @@ def _layer_forward(layer: nn.Module, hidden_states: torch.Tensor,
     norm, o_proj, down = layer.input_layernorm, attn.o_proj, mlp.down_proj
     qkv_group, mlp_group = attn.q_proj.shared, mlp.gate_proj.shared
     first, gate = qkv_group.layers[0], mlp_group.layers[0]
+    gemms = [_onednn_weights(qkv_group, qkv_group.layers), _onednn_weights(o_proj, [o_proj]),
+             _onednn_weights(mlp_group, mlp_group.layers), _onednn_weights(down, [down])]
+    asym = [g.zero_scale is not None for g in gemms]
+
+    def run(i, codes, rowsum, bias=False):
+        """GEMM ``i`` on ``codes``: its output and the zero-point term its consumer
+        subtracts (None for symmetric weights)."""
+        gemm = gemms[i]
+        zero = (rowsum, gemm.zero_scale) if asym[i] else None
+        return gemm.unscaled(codes, bias=bias, zero_term=False), zero
+
     flat = x.reshape(-1, x.shape[-1])
-    codes = kernels.rms_norm_codes(flat, norm.weight, norm.variance_epsilon, first.inv_scale,
-                                   first.a_bits, _optional(first.shift))
-    qkv = _onednn_weights(qkv_group, qkv_group.layers)(codes, None)
+    codes, rowsum = kernels.rms_norm_codes(flat, norm.weight, norm.variance_epsilon,
+                                           first.inv_scale, first.a_bits,
+                                           _optional(first.shift), asym[0])
+    qkv, zero = run(0, codes, rowsum, bias=True)
     heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
-    query, key, value = kernels.rope_qkv(qkv.view(*x.shape[:-1], -1), *position_embeddings,
-                                         heads, kv_heads)
+    query, key, value = kernels.rope_qkv(qkv.view(*x.shape[:-1], -1), zero,
+                                         *position_embeddings, heads, kv_heads)
     attn_kwargs = {"position_ids": position_ids, "use_cache": use_cache, **kwargs}
     if cache is not None:
         key, value = cache.update(key, value, attn.layer_idx, kwargs=attn_kwargs)
@@ -110,24 +122,24 @@ def _layer_forward(layer: nn.Module, hidden_states: torch.Tensor,
         out = nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=attn.scaling,
             enable_gqa=heads != kv_heads)
-        codes, token_scale = kernels.heads_per_token_codes(out, _optional(o_proj.inv_scale),
-                                                           o_proj.a_bits)
     else:
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
                                                        attn._pertoken_eager)
         out, _ = attend(attn, query, key, value, attention_mask, dropout=0.0,
                         scaling=attn.scaling, **attn_kwargs)
-        codes, token_scale = o_proj.codes(out.reshape(-1, o_proj.in_features), unsigned=True)
-    y = _onednn_weights(o_proj, [o_proj]).unscaled(codes)
+        out = out.transpose(1, 2)  # HF returns (batch, tokens, heads, dim)
+    codes, token_scale, rowsum = kernels.heads_per_token_codes(
+        out, _optional(o_proj.inv_scale), o_proj.a_bits, asym[1])
+    y, zero = run(1, codes, rowsum)
     norm = layer.post_attention_layernorm
-    h, codes = kernels.add_rms_norm_codes(flat, y, token_scale, _optional(o_proj.bias),
-                                          norm.weight, norm.variance_epsilon, gate.inv_scale,
-                                          gate.a_bits, _optional(gate.shift))
-    gate_up = _onednn_weights(mlp_group, mlp_group.layers)(codes, None)
-    codes, token_scale = kernels.silu_mul_per_token_codes(gate_up, _optional(down.inv_scale),
-                                                          down.a_bits, unsigned=True)
-    y = _onednn_weights(down, [down]).unscaled(codes)
-    return kernels.add_scaled(h, y, token_scale, _optional(down.bias)).view(x.shape)
+    h, codes, rowsum = kernels.add_rms_norm_codes(
+        flat, y, zero, token_scale, _optional(o_proj.bias), norm.weight, norm.variance_epsilon,
+        gate.inv_scale, gate.a_bits, _optional(gate.shift), asym[2])
+    gate_up, zero = run(2, codes, rowsum, bias=True)
+    codes, token_scale, rowsum = kernels.silu_mul_codes(
+        gate_up, zero, _optional(down.inv_scale), down.a_bits, want_rowsum=asym[3])
+    y, zero = run(3, codes, rowsum)
+    return kernels.add_scaled(h, y, zero, token_scale, _optional(down.bias)).view(x.shape)
 
 
 def _fusable_layer(layer: nn.Module) -> bool:

@@ -51,14 +51,23 @@ def _as_codes(u, unsigned: bool):
     return (u + 128).to(torch.uint8) if unsigned else u.to(torch.int8)
 
 
-def _static(x, inv_scale, shift, lo: int, hi: int, unsigned: bool = False):
+def _static_rounded(x, inv_scale, shift, lo: int, hi: int):
     u = torch.addcmul(shift * -inv_scale, x, inv_scale) if shift is not None else x * inv_scale
-    return _as_codes(u.clamp(lo, hi).round(), unsigned)
+    return u.clamp(lo, hi).round()
+
+
+def _per_token_rounded(x, lo: int, hi: int):
+    scale = x.abs().amax(dim=-1).clamp(min=EPS) / hi
+    return (x / scale[:, None]).clamp(lo, hi).round(), scale
+
+
+def _static(x, inv_scale, shift, lo: int, hi: int, unsigned: bool = False):
+    return _as_codes(_static_rounded(x, inv_scale, shift, lo, hi), unsigned)
 
 
 def _per_token(x, lo: int, hi: int, unsigned: bool = False):
-    scale = x.abs().amax(dim=-1).clamp(min=EPS) / hi
-    return _as_codes((x / scale[:, None]).clamp(lo, hi).round(), unsigned), scale
+    u, scale = _per_token_rounded(x, lo, hi)
+    return _as_codes(u, unsigned), scale
 
 
 def _rms_norm_static(x, weight, eps: float, inv_scale, shift, lo: int, hi: int,
@@ -68,17 +77,32 @@ def _rms_norm_static(x, weight, eps: float, inv_scale, shift, lo: int, hi: int,
     return y, _static(y, inv_scale, shift, lo, hi, unsigned)
 
 
-def _silu_mul_per_token(gate_up, inv_scale, lo: int, hi: int, unsigned: bool = False):
+def _minus_zero_term(y, rowsum, zero_scale):
+    """``y - rowsum ⊗ zero_scale``: an asymmetric weight's zero-point term, from the row sums
+    of the codes (None: a symmetric weight)."""
+    return y - rowsum[..., None] * zero_scale if rowsum is not None else y
+
+
+def _row_sums(u, wanted: bool):
+    """The row sums of the signed codes ``u`` (float, exact: far below 2^24), if wanted."""
+    return u.sum(-1) if wanted else None
+
+
+def _silu_mul_codes(gate_up, rowsum, zero_scale, inv_scale, lo: int, hi: int, unsigned: bool,
+                    want_rowsum: bool):
+    gate_up = _minus_zero_term(gate_up, rowsum, zero_scale)
     half = gate_up.shape[-1] // 2
     h = torch.nn.functional.silu(gate_up[:, :half]) * gate_up[:, half:]
     if inv_scale is not None:
         h = h * inv_scale
-    return _per_token(h, lo, hi, unsigned)
+    u, scale = _per_token_rounded(h, lo, hi)
+    return _as_codes(u, unsigned), scale, _row_sums(u, want_rowsum)
 
 
-def _rope_qkv(qkv, cos, sin, heads: int, kv_heads: int):
+def _rope_qkv(qkv, rowsum, zero_scale, cos, sin, heads: int, kv_heads: int):
     batch, tokens, width = qkv.shape
     dim = width // (heads + 2 * kv_heads)
+    qkv = _minus_zero_term(qkv, rowsum, zero_scale)
     x = qkv.view(batch, tokens, heads + 2 * kv_heads, dim).transpose(1, 2)
     c, s = cos[:, None], sin[:, None]
 
@@ -90,32 +114,31 @@ def _rope_qkv(qkv, cos, sin, heads: int, kv_heads: int):
     return q, k, x[:, heads + kv_heads:].contiguous()
 
 
-def _rms_norm_codes(x, weight, eps: float, inv_scale, shift, lo: int, hi: int):
+def _rms_norm_codes(x, weight, eps: float, inv_scale, shift, lo: int, hi: int,
+                    want_rowsum: bool):
     y = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-    return _static(y, inv_scale, shift, lo, hi, True)
+    u = _static_rounded(y, inv_scale, shift, lo, hi)
+    return _as_codes(u, True), _row_sums(u, want_rowsum)
 
 
-def _scaled(y, token_scale, bias):
-    y = y * token_scale[:, None]
-    return y + bias if bias is not None else y
+def _add_scaled(residual, y, rowsum, zero_scale, token_scale, bias):
+    y = _minus_zero_term(y, rowsum, zero_scale) * token_scale[:, None]
+    return residual + (y + bias if bias is not None else y)
 
 
-def _add_rms_norm_codes(residual, y, token_scale, bias, weight, eps: float, inv_scale, shift,
-                        lo: int, hi: int):
-    h = residual + _scaled(y, token_scale, bias)
-    return h, _rms_norm_codes(h, weight, eps, inv_scale, shift, lo, hi)
+def _add_rms_norm_codes(residual, y, rowsum, zero_scale, token_scale, bias, weight, eps: float,
+                        inv_scale, shift, lo: int, hi: int, want_rowsum: bool):
+    h = _add_scaled(residual, y, rowsum, zero_scale, token_scale, bias)
+    return (h, *_rms_norm_codes(h, weight, eps, inv_scale, shift, lo, hi, want_rowsum))
 
 
-def _add_scaled(residual, y, token_scale, bias):
-    return residual + _scaled(y, token_scale, bias)
-
-
-def _heads_per_token(attn, inv_scale, lo: int, hi: int):
+def _heads_per_token(attn, inv_scale, lo: int, hi: int, want_rowsum: bool):
     batch, heads, tokens, dim = attn.shape
     x = attn.transpose(1, 2).reshape(batch * tokens, heads * dim)
     if inv_scale is not None:
         x = x * inv_scale
-    return _per_token(x, lo, hi, True)
+    u, scale = _per_token_rounded(x, lo, hi)
+    return _as_codes(u, True), scale, _row_sums(u, want_rowsum)
 
 
 def _epilogue(acc, token_scale, weight_scale, bias):
@@ -167,52 +190,76 @@ def silu_mul_per_token_codes(gate_up: torch.Tensor, inv_scale: torch.Tensor | No
     the side-by-side ``[gate | up]`` outputs, quantized per token, fused:
     ``per_token_codes(silu(g) * u * inv_scale, bits)`` (``unsigned``: as the bytes
     ``code + 128``)."""
-    return _compiled(f"silu_mul_{gate_up.shape[-1]}", _silu_mul_per_token, dynamic=None)(
-        gate_up, inv_scale, *code_range(bits), unsigned)
+    codes, scale, _ = silu_mul_codes(gate_up, None, inv_scale, bits, unsigned)
+    return codes, scale
 
 
-def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+# The kernels of the fused decoder layer (:mod:`pertoken.quant.fused`). Codes come as oneDNN's
+# bytes ``code + 128``. A ``zero`` argument is ``(rowsum, zero_scale)`` for a GEMM output whose
+# asymmetric weights' zero-point term ``rowsum ⊗ zero_scale`` is still to be subtracted (the
+# row sums of its input codes, the weights' ``zero * step``), or None; ``want_rowsum`` makes a
+# quantizer also return the row sums of its codes, for the GEMM it feeds.
+
+def silu_mul_codes(gate_up: torch.Tensor, zero, inv_scale: torch.Tensor | None, bits: int,
+                   unsigned: bool = True, want_rowsum: bool = False):
+    """:func:`silu_mul_per_token_codes` of ``gate_up`` less its zero-point term: ``(codes,
+    token scales, row sums or None)``."""
+    rowsum, zero_scale = zero or (None, None)
+    return _compiled(f"silu_mul_{gate_up.shape[-1]}", _silu_mul_codes, dynamic=None)(
+        gate_up, rowsum, zero_scale, inv_scale, *code_range(bits), unsigned, want_rowsum)
+
+
+def rope_qkv(qkv: torch.Tensor, zero, cos: torch.Tensor, sin: torch.Tensor, heads: int,
              kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The side-by-side ``[q | k | v]`` projections (batch, tokens, (heads + 2 kv_heads) dim)
-    split into heads, with Llama's rotary embedding (``cos``, ``sin``: (batch, tokens, dim))
-    applied to q and k, in one fused pass that writes each as a contiguous (batch, heads,
-    tokens, dim) tensor (the layout SDPA runs fastest on): the formulas of HF's
-    ``apply_rotary_pos_emb``."""
+    """The side-by-side ``[q | k | v]`` projections (batch, tokens, (heads + 2 kv_heads) dim),
+    less their zero-point term, split into heads, with Llama's rotary embedding (``cos``,
+    ``sin``: (batch, tokens, dim)) applied to q and k, in one pass that writes each as a
+    contiguous (batch, heads, tokens, dim) tensor (the layout SDPA runs fastest on): the
+    formulas of HF's ``apply_rotary_pos_emb``."""
+    rowsum, zero_scale = zero or (None, None)
     name = f"rope_qkv_{qkv.shape[-1]}_{cos.shape[-1]}_{heads}_{kv_heads}"
-    return _compiled(name, _rope_qkv, dynamic=None)(qkv, cos, sin, heads, kv_heads)
+    return _compiled(name, _rope_qkv, dynamic=None)(
+        qkv, None if rowsum is None else rowsum.view(qkv.shape[:-1]), zero_scale, cos, sin,
+        heads, kv_heads)
 
 
 def rms_norm_codes(x: torch.Tensor, weight: torch.Tensor, eps: float, inv_scale: torch.Tensor,
-                   bits: int, shift: torch.Tensor | None = None) -> torch.Tensor:
-    """The static codes, as oneDNN's bytes ``code + 128``, of a Llama RMSNorm of ``x``
-    (tokens, d) in float32, in one pass (the normalized values themselves are not kept)."""
+                   bits: int, shift: torch.Tensor | None = None, want_rowsum: bool = False):
+    """The static codes of a Llama RMSNorm of ``x`` (tokens, d) in float32, in one pass (the
+    normalized values themselves are not kept): ``(codes, row sums or None)``."""
     return _compiled(f"rms_codes_{x.shape[-1]}", _rms_norm_codes, dynamic=None)(
-        x, weight, eps, inv_scale, shift, *code_range(bits))
+        x, weight, eps, inv_scale, shift, *code_range(bits), want_rowsum)
 
 
-def add_rms_norm_codes(residual: torch.Tensor, y: torch.Tensor, token_scale: torch.Tensor,
-                       bias: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                       inv_scale: torch.Tensor, bits: int, shift: torch.Tensor | None = None):
+def add_rms_norm_codes(residual: torch.Tensor, y: torch.Tensor, zero,
+                       token_scale: torch.Tensor, bias: torch.Tensor | None,
+                       weight: torch.Tensor, eps: float, inv_scale: torch.Tensor, bits: int,
+                       shift: torch.Tensor | None = None, want_rowsum: bool = False):
     """A residual connection followed by a Llama RMSNorm and its static codes, in one pass:
-    ``h = residual + y * token_scale[:, None] + bias`` (``y`` a per-token linear's output before
-    its token scales) and ``(h, rms_norm_codes(h, ...))``."""
+    ``h = residual + (y - zero term) * token_scale[:, None] + bias`` (``y`` a per-token
+    linear's output before its token scales) and ``(h, *rms_norm_codes(h, ...))``."""
+    rowsum, zero_scale = zero or (None, None)
     return _compiled(f"add_rms_codes_{y.shape[-1]}", _add_rms_norm_codes, dynamic=None)(
-        residual, y, token_scale, bias, weight, eps, inv_scale, shift, *code_range(bits))
+        residual, y, rowsum, zero_scale, token_scale, bias, weight, eps, inv_scale, shift,
+        *code_range(bits), want_rowsum)
 
 
-def add_scaled(residual: torch.Tensor, y: torch.Tensor, token_scale: torch.Tensor,
+def add_scaled(residual: torch.Tensor, y: torch.Tensor, zero, token_scale: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
-    """``residual + y * token_scale[:, None] + bias`` in one pass."""
+    """``residual + (y - zero term) * token_scale[:, None] + bias`` in one pass."""
+    rowsum, zero_scale = zero or (None, None)
     return _compiled(f"add_scaled_{y.shape[-1]}", _add_scaled, dynamic=None)(
-        residual, y, token_scale, bias)
+        residual, y, rowsum, zero_scale, token_scale, bias)
 
 
-def heads_per_token_codes(attn: torch.Tensor, inv_scale: torch.Tensor | None, bits: int):
-    """Per-token codes (as oneDNN's bytes ``code + 128``) and scales of an attention output
-    (batch, heads, tokens, dim), read as the (batch * tokens, heads * dim) matrix that
-    ``o_proj`` takes, without writing that matrix out first."""
+def heads_per_token_codes(attn: torch.Tensor, inv_scale: torch.Tensor | None, bits: int,
+                          want_rowsum: bool = False):
+    """Per-token codes of an attention output (batch, heads, tokens, dim), read as the
+    (batch * tokens, heads * dim) matrix that ``o_proj`` takes without writing that matrix
+    out first: ``(codes, token scales, row sums or None)``."""
     name = f"heads_per_token_{attn.shape[1]}_{attn.shape[3]}"
-    return _compiled(name, _heads_per_token, dynamic=None)(attn, inv_scale, *code_range(bits))
+    return _compiled(name, _heads_per_token, dynamic=None)(attn, inv_scale, *code_range(bits),
+                                                            want_rowsum)
 
 
 def epilogue(acc: torch.Tensor, token_scale: torch.Tensor | None, weight_scale: torch.Tensor,

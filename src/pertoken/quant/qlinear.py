@@ -128,12 +128,15 @@ class OnednnWeights:
                 key += (t.data_ptr(), t._version)
         return tuple(key)
 
-    def unscaled(self, codes: torch.Tensor, bias: bool = False) -> torch.Tensor:
+    def unscaled(self, codes: torch.Tensor, bias: bool = False,
+                 zero_term: bool = True) -> torch.Tensor:
         """The outputs before the per-token scales (and, unless ``bias``, before the bias):
-        ``codes @ W^T`` times the weights' steps, with the zero-point term."""
+        ``codes @ W^T`` times the weights' steps, with the zero-point term of asymmetric
+        weights unless ``zero_term`` is False (then the caller subtracts
+        ``rowsum(codes) ⊗ zero_scale`` itself)."""
         y = _onednn_linear(codes, self.packed, self.scale, self.bias if bias else None,
                            self.zeros)
-        if self.zero_scale is not None:
+        if zero_term and self.zero_scale is not None:
             rowsum = codes.sum(dim=1, dtype=torch.int32)
             if codes.dtype == torch.uint8:
                 rowsum -= 128 * codes.shape[1]
