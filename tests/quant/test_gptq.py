@@ -64,7 +64,7 @@ def test_an_identity_hessian_gives_round_to_nearest_on_the_same_grid():
     want = quantize_weight(w, 6, "mse")
     assert torch.equal(got.codes, want.codes) and torch.equal(got.zero, want.zero)
     sym = gptq_quantize(w, torch.eye(32), 8, symmetric=True)
-    assert torch.equal(sym.codes, quantize_weight(w, 8, "rtn_sym").codes)
+    assert torch.equal(sym.codes, quantize_weight(w, 8, "mse_sym").codes)
 
 
 @pytest.mark.parametrize("bits", [4, 6])

@@ -29,7 +29,7 @@ def test_per_token_codes_use_each_rows_absmax():
     assert torch.allclose(codes.float() * scale[:, None], x, atol=float(scale.max()) / 2 + 1e-7)
 
 
-@pytest.mark.parametrize("method", ["rtn_sym", "rtn_asym", "mse"])
+@pytest.mark.parametrize("method", ["rtn_sym", "rtn_asym", "mse", "mse_sym"])
 @pytest.mark.parametrize("bits", [8, 6, 4])
 def test_weight_codes_lie_in_range_and_rtn_error_is_at_most_half_a_step(method, bits):
     w = torch.randn(24, 40, generator=_gen(1)) * torch.linspace(0.1, 3, 40)
@@ -38,9 +38,9 @@ def test_weight_codes_lie_in_range_and_rtn_error_is_at_most_half_a_step(method, 
     assert q.codes.dtype == torch.int8
     assert lo <= int(q.codes.min()) and int(q.codes.max()) <= hi
     err = (q.dequantize() - w).abs()
-    if method != "mse":  # no clipping: every value within half a step
+    if not method.startswith("mse"):  # no clipping: every value within half a step
         assert (err <= q.scale[:, None] / 2 + 1e-6).all()
-    if method == "rtn_sym":
+    if method in ("rtn_sym", "mse_sym"):
         assert q.zero is None and int(q.codes.min()) >= -hi  # symmetric: [-qmax, qmax]
     else:
         assert q.zero is not None and lo <= int(q.zero.min()) and int(q.zero.max()) <= hi
@@ -50,11 +50,12 @@ def test_mse_clipping_never_loses_to_round_to_nearest_on_its_objective():
     w = torch.randn(32, 64, generator=_gen(2))
     w[:, 0] *= 20  # an outlier column inflates every row's range
     for bits in (4, 6):
-        rtn, mse = quantize_weight(w, bits, "rtn_asym"), quantize_weight(w, bits, "mse")
-        e_rtn = (rtn.dequantize() - w).abs().pow(2.4).sum(1)
-        e_mse = (mse.dequantize() - w).abs().pow(2.4).sum(1)
-        assert (e_mse <= e_rtn + 1e-6).all()
-        assert e_mse.sum() < e_rtn.sum()
+        for plain, clipped in (("rtn_asym", "mse"), ("rtn_sym", "mse_sym")):
+            rtn, mse = quantize_weight(w, bits, plain), quantize_weight(w, bits, clipped)
+            e_rtn = (rtn.dequantize() - w).abs().pow(2.4).sum(1)
+            e_mse = (mse.dequantize() - w).abs().pow(2.4).sum(1)
+            assert (e_mse <= e_rtn + 1e-6).all()
+            assert e_mse.sum() < e_rtn.sum()
 
 
 def test_centred_asymmetric_codes_dequantize_the_same():

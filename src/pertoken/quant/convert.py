@@ -25,7 +25,7 @@ from pertoken.quant.quantizers import QuantizedWeight, quantize_weight
 log = logging.getLogger(__name__)
 
 METHODS = ("outliertune", "smoothquant", "per-token", "per-tensor", "weight-only")
-WEIGHT_QUANTIZERS = ("rtn_sym", "rtn_asym", "mse", "gptq", "gptq_sym")
+WEIGHT_QUANTIZERS = ("rtn_sym", "rtn_asym", "mse", "mse_sym", "gptq", "gptq_sym")
 
 
 @dataclass
@@ -41,9 +41,10 @@ class QuantConfig:
     shift_mode: str = "mean"
     """``mean`` of the per-sample mid-ranges, or the ``global`` mid-range"""
     weights: str = "rtn_asym"
-    """weight rounding: ``rtn_sym``, ``rtn_asym``, ``mse``, ``gptq`` or ``gptq_sym`` (GPTQ on a
-    symmetric grid, so the GEMM needs no zero-point term; sequential over the
-    decoder layers, on the calibration batches)"""
+    """weight rounding: ``rtn_sym``, ``rtn_asym``, ``mse`` (asymmetric, MSE-clipped),
+    ``mse_sym``, ``gptq`` or ``gptq_sym`` (GPTQ on an MSE-clipped symmetric grid, so the GEMM
+    needs no zero-point term; sequential over the decoder layers, on the calibration
+    batches)"""
     smooth_alpha: float = 0.5
     """SmoothQuant's migration strength alpha"""
     dynamic_alpha: float | None = 0.6

@@ -42,8 +42,8 @@ def _is_rms_norm(module: nn.Module) -> bool:
 
 def _norm_forward(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     group = norm._pertoken_group
-    if not (kernels.compiled_kernels_on() and x.dtype == torch.float32 and not x.is_cuda
-            and norm.weight.dtype == torch.float32):
+    if not (kernels.compiled_kernels_on(x.numel() // x.shape[-1]) and x.dtype == torch.float32
+            and not x.is_cuda and norm.weight.dtype == torch.float32):
         return type(norm).forward(norm, x)
     lead: QuantLinear = group.layers[0]
     flat = x.reshape(-1, x.shape[-1])

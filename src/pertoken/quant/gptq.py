@@ -1,11 +1,11 @@
 """GPTQ weight rounding (Frantar et al., 2022; OutlierTune spec §1.5).
 
-Each output row's step and zero point are fixed first (asymmetric, MSE-searched clipping, as the
-``mse`` quantizer); then the columns are rounded one at a time and each column's rounding error
-is spread over the columns not yet rounded, weighted by the inverse of the layer's input Hessian
-``H = X^T X``, so that ``||(W - Q) X^T||`` rather than ``||W - Q||`` is kept small. Columns go in
-order of decreasing ``H_jj`` (``act_order``), the Hessian is damped by 1% of its mean diagonal,
-and the updates are applied lazily in blocks of 128 columns.
+Each output row's step and zero point are fixed first (MSE-searched clipping, as the ``mse``
+quantizer, or ``mse_sym`` on a symmetric grid); then the columns are rounded one at a time and
+each column's rounding error is spread over the columns not yet rounded, weighted by the inverse
+of the layer's input Hessian ``H = X^T X``, so that ``||(W - Q) X^T||`` rather than ``||W - Q||``
+is kept small. Columns go in order of decreasing ``H_jj`` (``act_order``), the Hessian is damped
+by 1% of its mean diagonal, and the updates are applied lazily in blocks of 128 columns.
 
 For a folded OutlierTune linear the Hessian is built from ``u = (x - z) / s``, the input the
 folded weight ``W' = W diag(s)`` actually multiplies.
@@ -42,7 +42,7 @@ class HessianAccumulator:
 
 def _grid(weight: torch.Tensor, bits: int, symmetric: bool):
     """The per-row step and (unsigned) zero point GPTQ rounds onto."""
-    q = quantize_weight(weight, bits, "rtn_sym" if symmetric else "mse")
+    q = quantize_weight(weight, bits, "mse_sym" if symmetric else "mse")
     if q.zero is None:
         return q.scale, None
     return q.scale, (q.zero + (1 << (bits - 1))).float()

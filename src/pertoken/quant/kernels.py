@@ -41,8 +41,15 @@ def use_compiled_kernels(on: bool = True) -> bool:
     return on
 
 
-def compiled_kernels_on() -> bool:
-    return _state["on"]
+MIN_ROWS = 16
+"""below this many rows (one-token decoding) a compiled kernel's call overhead outweighs what
+it saves, and the eager definitions run even with the compiled kernels on"""
+
+
+def compiled_kernels_on(rows: int | None = None) -> bool:
+    """Whether the compiled kernels are on (for ``rows`` rows, if given: see
+    :data:`MIN_ROWS`)."""
+    return _state["on"] and (rows is None or rows >= MIN_ROWS)
 
 
 def _as_codes(u, unsigned: bool):

@@ -291,7 +291,7 @@ class QuantLinear(nn.Module):
         """The activation codes of ``x`` (tokens, in) and, per token, their scale (None for
         static activations, whose scales are folded into the weight). With ``unsigned`` the
         compiled kernels may return the codes as oneDNN's bytes ``code + 128`` (uint8)."""
-        if kernels.compiled_kernels_on():
+        if kernels.compiled_kernels_on(x.shape[0]):
             if self.act == "static":
                 return kernels.static_codes(x, self.inv_scale, self.a_bits,
                                             self.shift if self.shift.numel() else None,
@@ -334,7 +334,7 @@ class QuantLinear(nn.Module):
             codes, token_scale = self.shared.get(x, lambda: self.input_codes(x, flat))
         else:
             codes, token_scale = self.codes(flat)
-        finish = kernels.epilogue if kernels.compiled_kernels_on() else epilogue
+        finish = kernels.epilogue if kernels.compiled_kernels_on(flat.shape[0]) else epilogue
         y = finish(self.accumulate(codes), token_scale, self.weight_scale,
                    self.bias if self.bias.numel() else None)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)

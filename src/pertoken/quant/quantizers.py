@@ -115,20 +115,24 @@ def quantize_weight(w: torch.Tensor, bits: int, method: str = "rtn_asym",
 
     ``rtn_sym``: absmax / qmax per row. ``rtn_asym``: min-max per row with an integer zero
     point. ``mse``: asymmetric, with each row's range shrunk by the factor in
-    ``{1.00, 0.99, ..., 1 - grid/100}`` that minimises ``sum |error|^norm`` (GPTQ's grid)."""
-    if method not in ("rtn_sym", "rtn_asym", "mse"):
-        raise UserError(f"unknown weight quantizer {method!r}: choose rtn_sym, rtn_asym or mse")
+    ``{1.00, 0.99, ..., 1 - grid/100}`` that minimises ``sum |error|^norm`` (GPTQ's grid);
+    ``mse_sym`` the same search on the symmetric grid."""
+    methods = ("rtn_sym", "rtn_asym", "mse", "mse_sym")
+    if method not in methods:
+        raise UserError(f"unknown weight quantizer {method!r}: choose {', '.join(methods)}")
     code_range(bits)
     w = w.detach().float()
-    if method == "mse":
-        best = _rtn(w, bits, False)
+    if method in ("mse", "mse_sym"):
+        symmetric = method == "mse_sym"
+        best = _rtn(w, bits, symmetric)
         best_err = _error(w, *best, norm)
         for i in range(1, grid + 1):
             shrink = torch.full((w.shape[0],), 1 - i / 100)
-            trial = _rtn(w, bits, False, shrink)
+            trial = _rtn(w, bits, symmetric, shrink)
             err = _error(w, *trial, norm)
             better = err < best_err
-            best = tuple(torch.where(better[:, None] if t.dim() == 2 else better, t, b)
+            best = tuple(None if t is None
+                         else torch.where(better[:, None] if t.dim() == 2 else better, t, b)
                          for t, b in zip(trial, best))
             best_err = torch.minimum(err, best_err)
         codes, scale, zero = best
