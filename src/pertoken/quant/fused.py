@@ -10,7 +10,8 @@ tokens for oneDNN's GEMM (a prefill):
   heads; o_proj's GEMM; the residual connection, the post-attention RMSNorm and the gate/up
   codes in one loop; gate/up as one GEMM; SwiGLU's product and down_proj's codes in one loop;
   down_proj's GEMM; its token scales and the residual connection in one loop. Codes go to
-  oneDNN as its unsigned bytes directly. Forward hooks on the layer's submodules do not fire
+  oneDNN as its unsigned bytes directly; asymmetric weights' zero-point terms are subtracted in
+  the loop that reads each GEMM's output, from row sums the quantizer before it computed. Forward hooks on the layer's submodules do not fire
   on this path (the layer's own do);
 - elsewhere, an RMSNorm that feeds a static group computes its output and the group's codes in
   one loop and hands the codes to the group, and the MLP runs gate/up as one GEMM, then SwiGLU
@@ -83,7 +84,8 @@ def _layer_forward(layer: nn.Module, hidden_states: torch.Tensor,
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
     x = hidden_states
-    if not (kernels.compiled_kernels_on() and x.dtype == torch.float32 and x.dim() == 3
+    if not (kernels.compiled_kernels_on(x.numel() // x.shape[-1])
+            and x.dtype == torch.float32 and x.dim() == 3
             and position_embeddings is not None and not kwargs.get("output_attentions")
             and gemm_backend(x.device, x.shape[0] * x.shape[1]) == "onednn"):
         return type(layer).forward(layer, hidden_states, attention_mask=attention_mask,
@@ -142,13 +144,14 @@ def _layer_forward(layer: nn.Module, hidden_states: torch.Tensor,
     return kernels.add_scaled(h, y, zero, token_scale, _optional(down.bias)).view(x.shape)
 
 
-def _fusable_layer(layer: nn.Module) -> bool:
-    """Whether ``layer`` is a Llama decoder layer whose whole forward can run fused: RMSNorms,
-    q/k/v and gate/up as linked static groups, o_proj and down_proj per-token, SiLU, and the
-    attention's own fields (no extra submodules such as q/k norms)."""
+def _fusable_layer(layer: nn.Module):
+    """The eager attention function of ``layer``'s modeling module if ``layer`` is a Llama
+    decoder layer whose whole forward can run fused (RMSNorms, q/k/v and gate/up as linked
+    static groups, o_proj and down_proj per-token, SiLU, and the attention's own fields: no
+    extra submodules such as q/k norms), else None."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if type(attn).__name__ != "LlamaAttention" or mlp is None:
-        return False
+        return None
     norms = (getattr(layer, "input_layernorm", None),
              getattr(layer, "post_attention_layernorm", None))
     q, k, v, o = (getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -156,15 +159,17 @@ def _fusable_layer(layer: nn.Module) -> bool:
     linears = (q, k, v, o, gate, up, down)
     act = getattr(mlp, "act_fn", None)
     eager = getattr(sys.modules.get(type(attn).__module__), "eager_attention_forward", None)
-    return (all(n is not None and _is_rms_norm(n) for n in norms)
-            and all(isinstance(m, QuantLinear) for m in linears)
-            and q.act == gate.act == "static" and o.act == down.act == "per-token"
-            and q.shared is not None and q.shared.layers == [q, k, v]
-            and gate.shared is not None and gate.shared.layers == [gate, up]
-            and o.shared is None and down.shared is None
-            and {n for n, _ in attn.named_children()} == {"q_proj", "k_proj", "v_proj", "o_proj"}
-            and (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation")
-            and eager is not None and hasattr(attn, "config") and hasattr(attn, "scaling"))
+    fusable = (all(n is not None and _is_rms_norm(n) for n in norms)
+               and all(isinstance(m, QuantLinear) for m in linears)
+               and q.act == gate.act == "static" and o.act == down.act == "per-token"
+               and q.shared is not None and q.shared.layers == [q, k, v]
+               and gate.shared is not None and gate.shared.layers == [gate, up]
+               and o.shared is None and down.shared is None
+               and {n for n, _ in attn.named_children()}
+                   == {"q_proj", "k_proj", "v_proj", "o_proj"}
+               and (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation")
+               and hasattr(attn, "config") and hasattr(attn, "scaling"))
+    return eager if fusable else None
 
 
 def link_fused_blocks(model: nn.Module) -> int:
@@ -185,9 +190,9 @@ def link_fused_blocks(model: nn.Module) -> int:
                 norm._pertoken_group = first.shared
                 norm.forward = types.MethodType(_norm_forward, norm)
                 fused += 1
-        if _fusable_layer(layer):
-            layer.self_attn._pertoken_eager = sys.modules[
-                type(layer.self_attn).__module__].eager_attention_forward
+        eager = _fusable_layer(layer)
+        if eager is not None:
+            attn._pertoken_eager = eager
             layer.forward = types.MethodType(_layer_forward, layer)
             fused += 1
         gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))

@@ -206,7 +206,6 @@ def silu_mul_per_token_codes(gate_up: torch.Tensor, inv_scale: torch.Tensor | No
 # asymmetric weights' zero-point term ``rowsum ⊗ zero_scale`` is still to be subtracted (the
 # row sums of its input codes, the weights' ``zero * step``), or None; ``want_rowsum`` makes a
 # quantizer also return the row sums of its codes, for the GEMM it feeds.
-
 def silu_mul_codes(gate_up: torch.Tensor, zero, inv_scale: torch.Tensor | None, bits: int,
                    unsigned: bool = True, want_rowsum: bool = False):
     """:func:`silu_mul_per_token_codes` of ``gate_up`` less its zero-point term: ``(codes,

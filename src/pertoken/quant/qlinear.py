@@ -291,17 +291,15 @@ class QuantLinear(nn.Module):
         """The activation codes of ``x`` (tokens, in) and, per token, their scale (None for
         static activations, whose scales are folded into the weight). With ``unsigned`` the
         compiled kernels may return the codes as oneDNN's bytes ``code + 128`` (uint8)."""
-        if kernels.compiled_kernels_on(x.shape[0]):
-            if self.act == "static":
-                return kernels.static_codes(x, self.inv_scale, self.a_bits,
-                                            self.shift if self.shift.numel() else None,
-                                            unsigned), None
-            return kernels.per_token_codes(x * self.inv_scale if self.inv_scale.numel() else x,
-                                           self.a_bits, unsigned)
+        shift = self.shift if self.shift.numel() else None
         if self.act == "static":
-            shift = self.shift if self.shift.numel() else None
+            if kernels.compiled_kernels_on(x.shape[0]):
+                return kernels.static_codes(x, self.inv_scale, self.a_bits, shift, unsigned), None
             return static_codes(x, self.inv_scale, self.a_bits, shift), None
-        return per_token_codes(x * self.inv_scale if self.inv_scale.numel() else x, self.a_bits)
+        x = x * self.inv_scale if self.inv_scale.numel() else x
+        if kernels.compiled_kernels_on(x.shape[0]):
+            return kernels.per_token_codes(x, self.a_bits, unsigned)
+        return per_token_codes(x, self.a_bits)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight (out, in) the codes stand for."""

@@ -268,9 +268,8 @@ class BenchConfig:
         bad = [m for m in self.methods if m not in METHOD_CHOICES]
         if bad:
             raise UserError(f"unknown method {bad[0]!r}: choose from {', '.join(METHOD_CHOICES)}")
-        check_settings(0.0, self.top_p, 1, self.lookup)
-        for t in self.temperatures:
-            check_settings(t, self.top_p, 1)
+        for t in self.temperatures or [0.0]:
+            check_settings(t, self.top_p, 1, self.lookup)
         for b in self.budgets:
             if b != "auto" and (not isinstance(b, int) or b < 1):
                 raise UserError(f"budget must be a positive number or auto, got {b!r}")
