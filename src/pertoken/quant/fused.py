@@ -91,8 +91,6 @@ def _layer_forward(layer: nn.Module, hidden_states: torch.Tensor,
         return type(layer).forward(layer, hidden_states, attention_mask=attention_mask,
                                    position_ids=position_ids, cache=cache, use_cache=use_cache,
                                    position_embeddings=position_embeddings, **kwargs)
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     attn, mlp = layer.self_attn, layer.mlp
     norm, o_proj, down = layer.input_layernorm, attn.o_proj, mlp.down_proj
     qkv_group, mlp_group = attn.q_proj.shared, mlp.gate_proj.shared
@@ -125,6 +123,8 @@ def _layer_forward(layer: nn.Module, hidden_states: torch.Tensor,
             query, key, value, is_causal=True, scale=attn.scaling,
             enable_gqa=heads != kv_heads)
     else:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
                                                        attn._pertoken_eager)
         out, _ = attend(attn, query, key, value, attention_mask, dropout=0.0,

@@ -77,10 +77,14 @@ def _per_token(x, lo: int, hi: int, unsigned: bool = False):
     return _as_codes(u, unsigned), scale
 
 
+def _rms_norm(x, weight, eps: float):
+    """Llama's RMSNorm (HF's ``LlamaRMSNorm`` on float32 input)."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
 def _rms_norm_static(x, weight, eps: float, inv_scale, shift, lo: int, hi: int,
                      unsigned: bool = False):
-    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    y = weight * y
+    y = _rms_norm(x, weight, eps)
     return y, _static(y, inv_scale, shift, lo, hi, unsigned)
 
 
@@ -123,8 +127,7 @@ def _rope_qkv(qkv, rowsum, zero_scale, cos, sin, heads: int, kv_heads: int):
 
 def _rms_norm_codes(x, weight, eps: float, inv_scale, shift, lo: int, hi: int,
                     want_rowsum: bool):
-    y = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-    u = _static_rounded(y, inv_scale, shift, lo, hi)
+    u = _static_rounded(_rms_norm(x, weight, eps), inv_scale, shift, lo, hi)
     return _as_codes(u, True), _row_sums(u, want_rowsum)
 
 
