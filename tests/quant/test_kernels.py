@@ -54,12 +54,13 @@ def _rms(x, weight, eps):
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def test_the_fused_layer_kernels_match_their_eager_formulas(compiled):
-    """Each kernel of the fused decoder layer against the unfused computation it replaces:
-    HF's rotary embedding and head split, RMSNorm then the static quantizer, the residual
-    connection after a per-token linear, o_proj's per-token quantizer on the heads and SwiGLU's;
-    each with and without an asymmetric weight's zero-point term to subtract, and the row
-    sums of the codes they make."""
+def test_the_fused_layer_formulas_match_the_unfused_computations():
+    """Each step the fused decoder layer's compiled graphs are made of against the unfused
+    computation it replaces: HF's rotary embedding and head split, RMSNorm then the static
+    quantizer, the residual connection after a per-token linear, o_proj's per-token quantizer
+    on the heads and SwiGLU's; each with and without an asymmetric weight's zero-point term to
+    subtract, and the row sums of the codes they make. (That the compiled graphs compute these
+    formulas is tested on whole models below.)"""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     g = torch.Generator().manual_seed(2)
@@ -68,7 +69,7 @@ def test_the_fused_layer_kernels_match_their_eager_formulas(compiled):
     def zero_terms(rows, width):
         rowsum = torch.randint(-900, 900, (rows,), generator=g).float()
         zero_scale = torch.rand(width, generator=g) * 0.01
-        return [(None, 0), ((rowsum, zero_scale), rowsum[:, None] * zero_scale)]
+        return [((None, None), 0), ((rowsum, zero_scale), rowsum[:, None] * zero_scale)]
 
     def check_rowsum(codes, rowsum):
         assert torch.equal(rowsum, (codes.int() - 128).sum(-1).float())
@@ -79,8 +80,9 @@ def test_the_fused_layer_kernels_match_their_eager_formulas(compiled):
         angle = torch.rand(batch, tokens, dim // 2, generator=g) * 6
         cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
         for zero, term in zero_terms(rows, width):
-            q, k, v = kernels.rope_qkv(qkv, zero, cos, sin, heads, kv_heads)
-            split = (qkv - term.view(batch, tokens, -1) if zero else qkv).view(
+            rowsum = zero[0].view(batch, tokens) if zero[0] is not None else None
+            q, k, v = kernels._rope_qkv(qkv, rowsum, zero[1], cos, sin, heads, kv_heads)
+            split = (qkv - term.view(batch, tokens, -1) if rowsum is not None else qkv).view(
                 batch, tokens, -1, dim).transpose(1, 2)
             want_q, want_k = apply_rotary_pos_emb(split[:, :heads],
                                                   split[:, heads:heads + kv_heads], cos, sin)
@@ -91,16 +93,16 @@ def test_the_fused_layer_kernels_match_their_eager_formulas(compiled):
         weight, inv = torch.rand(48, generator=g) + 0.5, torch.rand(48, generator=g) * 20 + 1
         shift, bias, ts = torch.randn(48) * 0.1, torch.randn(48), torch.rand(rows)
         for sh in (shift, None):
-            codes, rowsum = kernels.rms_norm_codes(x, weight, 1e-5, inv, 8, sh, True)
+            codes, rowsum = kernels._rms_norm_codes(x, weight, 1e-5, inv, sh, -128, 127, True)
             _close_codes(codes.int() - 128, static_codes(_rms(x, weight, 1e-5), inv, 8, sh))
             check_rowsum(codes, rowsum)
             for b in (bias, None):
                 for zero, term in zero_terms(rows, 48):
                     want_h = x + (y - term) * ts[:, None] + (b if b is not None else 0)
-                    h, codes, rowsum = kernels.add_rms_norm_codes(x, y, zero, ts, b, weight,
-                                                                  1e-5, inv, 8, sh, True)
+                    h, codes, rowsum = kernels._add_rms_norm_codes(
+                        x, y, *zero, ts, b, weight, 1e-5, inv, sh, -128, 127, True)
                     assert torch.allclose(h, want_h, atol=1e-5)
-                    assert torch.allclose(kernels.add_scaled(x, y, zero, ts, b), want_h,
+                    assert torch.allclose(kernels._add_scaled(x, y, *zero, ts, b), want_h,
                                           atol=1e-5)
                     _close_codes(codes.int() - 128,
                                  static_codes(_rms(want_h, weight, 1e-5), inv, 8, sh))
@@ -111,15 +113,15 @@ def test_the_fused_layer_kernels_match_their_eager_formulas(compiled):
         inv = torch.rand(heads * dim, generator=g) + 0.5
         gate_up = torch.randn(rows, 64, generator=g)
         for scale_in in (inv, None):
-            codes, scale, rowsum = kernels.heads_per_token_codes(attn, scale_in, 8, True)
+            codes, scale, rowsum = kernels._heads_per_token(attn, scale_in, -128, 127, True)
             want_codes, want_scale = per_token_codes(flat * scale_in if scale_in is not None
                                                      else flat, 8)
             _close_codes(codes.int() - 128, want_codes)
             assert torch.allclose(scale, want_scale)
             check_rowsum(codes, rowsum)
             for zero, term in zero_terms(rows, 64):
-                codes, scale, rowsum = kernels.silu_mul_codes(gate_up, zero, scale_in, 8,
-                                                              want_rowsum=True)
+                codes, scale, rowsum = kernels._silu_mul_codes(gate_up, *zero, scale_in, -128,
+                                                               127, True, True)
                 gu = gate_up - term
                 h = torch.nn.functional.silu(gu[:, :32]) * gu[:, 32:]
                 want_codes, want_scale = per_token_codes(h * scale_in if scale_in is not None
@@ -218,18 +220,18 @@ def test_the_fused_decoder_layer_handles_caches_masks_and_decoding(tmp_path):
 
     want = outputs()
     fused_layers = []
-    rope = kernels.rope_qkv
+    layer_qkv = kernels.layer_qkv
 
-    def counting(qkv, *args):
-        fused_layers.append(qkv.shape[1])
-        return rope(qkv, *args)
+    def counting(x, *args):
+        fused_layers.append(x.shape[1])
+        return layer_qkv(x, *args)
 
     assert kernels.use_compiled_kernels(True)
-    kernels.rope_qkv = counting
+    kernels.layer_qkv = counting
     try:
         got = outputs()
     finally:
-        kernels.rope_qkv = rope
+        kernels.layer_qkv = layer_qkv
         kernels.use_compiled_kernels(False)
     # two layers fused in each of the prefill, the first and second calls, the padded batch
     assert fused_layers == [20, 20, 20, 20, 18, 18, 24, 24]

@@ -4,15 +4,19 @@ With the compiled kernels on (:func:`pertoken.quant.kernels.use_compiled_kernels
 tokens for oneDNN's GEMM (a prefill):
 
 - a whole ``LlamaDecoderLayer`` whose linears are all quantized (q/k/v and gate/up as static
-  groups, o_proj and down_proj per token) runs as: the input RMSNorm and the q/k/v codes in one
-  loop; q/k/v as one GEMM; the head split and the rotary embedding in one loop that writes the
-  contiguous heads SDPA runs fastest on; SDPA; o_proj's per-token codes read straight from the
-  heads; o_proj's GEMM; the residual connection, the post-attention RMSNorm and the gate/up
-  codes in one loop; gate/up as one GEMM; SwiGLU's product and down_proj's codes in one loop;
-  down_proj's GEMM; its token scales and the residual connection in one loop. Codes go to
-  oneDNN as its unsigned bytes directly; asymmetric weights' zero-point terms are subtracted in
-  the loop that reads each GEMM's output, from row sums the quantizer before it computed. Forward hooks on the layer's submodules do not fire
-  on this path (the layer's own do);
+  groups, o_proj and down_proj per token) runs as two compiled graphs around the KV cache's
+  update (:func:`pertoken.quant.kernels.layer_qkv` and :func:`~pertoken.quant.kernels.layer_rest`):
+  the input RMSNorm and the q/k/v codes in one loop; q/k/v as one GEMM; the head split and the
+  rotary embedding in one loop that writes the contiguous heads SDPA runs fastest on; then
+  SDPA; o_proj's per-token codes read straight from the heads; o_proj's GEMM; the residual
+  connection, the post-attention RMSNorm and the gate/up codes in one loop; gate/up as one
+  GEMM; SwiGLU's product and down_proj's codes in one loop; down_proj's GEMM; its token scales
+  and the residual connection in one loop. Codes go to oneDNN as its unsigned bytes directly;
+  asymmetric weights' zero-point terms are subtracted in the loop that reads each GEMM's
+  output, from row sums the quantizer before it computed. With an attention mask, a cache
+  with more keys than queries or another attention implementation, HF's attention runs
+  between the two graphs. Forward hooks on the layer's submodules do not fire on this path
+  (the layer's own do);
 - elsewhere, an RMSNorm that feeds a static group computes its output and the group's codes in
   one loop and hands the codes to the group, and the MLP runs gate/up as one GEMM, then SwiGLU
   and ``down_proj``'s quantizer as one loop.
@@ -95,33 +99,17 @@ def _layer_forward(layer: nn.Module, hidden_states: torch.Tensor,
     norm, o_proj, down = layer.input_layernorm, attn.o_proj, mlp.down_proj
     qkv_group, mlp_group = attn.q_proj.shared, mlp.gate_proj.shared
     first, gate = qkv_group.layers[0], mlp_group.layers[0]
-    gemms = [_onednn_weights(qkv_group, qkv_group.layers), _onednn_weights(o_proj, [o_proj]),
-             _onednn_weights(mlp_group, mlp_group.layers), _onednn_weights(down, [down])]
-    asym = [g.zero_scale is not None for g in gemms]
-
-    def run(i, codes, rowsum, bias=False):
-        """GEMM ``i`` on ``codes``: its output and the zero-point term its consumer
-        subtracts (None for symmetric weights)."""
-        gemm = gemms[i]
-        zero = (rowsum, gemm.zero_scale) if asym[i] else None
-        return gemm.unscaled(codes, bias=bias, zero_term=False), zero
-
-    flat = x.reshape(-1, x.shape[-1])
-    codes, rowsum = kernels.rms_norm_codes(flat, norm.weight, norm.variance_epsilon,
-                                           first.inv_scale, first.a_bits,
-                                           _optional(first.shift), asym[0])
-    qkv, zero = run(0, codes, rowsum, bias=True)
     heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
-    query, key, value = kernels.rope_qkv(qkv.view(*x.shape[:-1], -1), zero,
-                                         *position_embeddings, heads, kv_heads)
+    query, key, value = kernels.layer_qkv(
+        x, norm.weight, norm.variance_epsilon, first.inv_scale, _optional(first.shift),
+        first.a_bits, _onednn_weights(qkv_group, qkv_group.layers).tensors(),
+        *position_embeddings, heads, kv_heads)
     attn_kwargs = {"position_ids": position_ids, "use_cache": use_cache, **kwargs}
     if cache is not None:
         key, value = cache.update(key, value, attn.layer_idx, kwargs=attn_kwargs)
     if (attention_mask is None and attn.config._attn_implementation == "sdpa"
             and query.shape[2] == key.shape[2]):
-        out = nn.functional.scaled_dot_product_attention(
-            query, key, value, is_causal=True, scale=attn.scaling,
-            enable_gqa=heads != kv_heads)
+        out = (query, key, value)  # causal SDPA inside the compiled kernel
     else:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -130,18 +118,14 @@ def _layer_forward(layer: nn.Module, hidden_states: torch.Tensor,
         out, _ = attend(attn, query, key, value, attention_mask, dropout=0.0,
                         scaling=attn.scaling, **attn_kwargs)
         out = out.transpose(1, 2)  # HF returns (batch, tokens, heads, dim)
-    codes, token_scale, rowsum = kernels.heads_per_token_codes(
-        out, _optional(o_proj.inv_scale), o_proj.a_bits, asym[1])
-    y, zero = run(1, codes, rowsum)
     norm = layer.post_attention_layernorm
-    h, codes, rowsum = kernels.add_rms_norm_codes(
-        flat, y, zero, token_scale, _optional(o_proj.bias), norm.weight, norm.variance_epsilon,
-        gate.inv_scale, gate.a_bits, _optional(gate.shift), asym[2])
-    gate_up, zero = run(2, codes, rowsum, bias=True)
-    codes, token_scale, rowsum = kernels.silu_mul_codes(
-        gate_up, zero, _optional(down.inv_scale), down.a_bits, want_rowsum=asym[3])
-    y, zero = run(3, codes, rowsum)
-    return kernels.add_scaled(h, y, zero, token_scale, _optional(down.bias)).view(x.shape)
+    return kernels.layer_rest(
+        x, out, _onednn_weights(o_proj, [o_proj]).tensors(), _optional(o_proj.inv_scale),
+        _optional(o_proj.bias), o_proj.a_bits, norm.weight, norm.variance_epsilon,
+        gate.inv_scale, _optional(gate.shift), gate.a_bits,
+        _onednn_weights(mlp_group, mlp_group.layers).tensors(), _optional(down.inv_scale),
+        down.a_bits, _onednn_weights(down, [down]).tensors(), _optional(down.bias),
+        attn.scaling)
 
 
 def _fusable_layer(layer: nn.Module):

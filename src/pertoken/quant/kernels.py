@@ -64,8 +64,11 @@ def _static_rounded(x, inv_scale, shift, lo: int, hi: int):
 
 
 def _per_token_rounded(x, lo: int, hi: int):
+    """Per-token codes (before the cast) and scales; the codes multiply by each row's
+    reciprocal scale rather than divide by the scale (a division per element is the costliest
+    step of the loop), which can move a value at an exact rounding tie by one code."""
     scale = x.abs().amax(dim=-1).clamp(min=EPS) / hi
-    return (x / scale[:, None]).clamp(lo, hi).round(), scale
+    return (x * (1 / scale)[:, None]).clamp(lo, hi).round(), scale
 
 
 def _static(x, inv_scale, shift, lo: int, hi: int, unsigned: bool = False):
@@ -116,9 +119,12 @@ def _rope_qkv(qkv, rowsum, zero_scale, cos, sin, heads: int, kv_heads: int):
     qkv = _minus_zero_term(qkv, rowsum, zero_scale)
     x = qkv.view(batch, tokens, heads + 2 * kv_heads, dim).transpose(1, 2)
     c, s = cos[:, None], sin[:, None]
+    half = dim // 2
 
-    def rotated(t):
-        return t * c + torch.cat((-t[..., dim // 2:], t[..., :dim // 2]), dim=-1) * s
+    def rotated(t):  # t * cos + rotate_half(t) * sin, each half written out (no cat buffer)
+        first, second = t[..., :half], t[..., half:]
+        return torch.cat((first * c[..., :half] + -second * s[..., :half],
+                          second * c[..., half:] + first * s[..., half:]), dim=-1)
 
     q = rotated(x[:, :heads]).contiguous()
     k = rotated(x[:, heads:heads + kv_heads]).contiguous()
@@ -200,75 +206,117 @@ def silu_mul_per_token_codes(gate_up: torch.Tensor, inv_scale: torch.Tensor | No
     the side-by-side ``[gate | up]`` outputs, quantized per token, fused:
     ``per_token_codes(silu(g) * u * inv_scale, bits)`` (``unsigned``: as the bytes
     ``code + 128``)."""
-    codes, scale, _ = silu_mul_codes(gate_up, None, inv_scale, bits, unsigned)
+    silu_mul = _compiled(f"silu_mul_{gate_up.shape[-1]}", _silu_mul_codes, dynamic=None)
+    codes, scale, _ = silu_mul(gate_up, None, None, inv_scale, *code_range(bits), unsigned,
+                               False)
     return codes, scale
 
 
-# The kernels of the fused decoder layer (:mod:`pertoken.quant.fused`). Codes come as oneDNN's
-# bytes ``code + 128``. A ``zero`` argument is ``(rowsum, zero_scale)`` for a GEMM output whose
-# asymmetric weights' zero-point term ``rowsum ⊗ zero_scale`` is still to be subtracted (the
-# row sums of its input codes, the weights' ``zero * step``), or None; ``want_rowsum`` makes a
-# quantizer also return the row sums of its codes, for the GEMM it feeds.
-def silu_mul_codes(gate_up: torch.Tensor, zero, inv_scale: torch.Tensor | None, bits: int,
-                   unsigned: bool = True, want_rowsum: bool = False):
-    """:func:`silu_mul_per_token_codes` of ``gate_up`` less its zero-point term: ``(codes,
-    token scales, row sums or None)``."""
-    rowsum, zero_scale = zero or (None, None)
-    return _compiled(f"silu_mul_{gate_up.shape[-1]}", _silu_mul_codes, dynamic=None)(
-        gate_up, rowsum, zero_scale, inv_scale, *code_range(bits), unsigned, want_rowsum)
+def _onednn_linear(codes, packed, scale, zeros, bias):
+    return torch.ops.onednn.qlinear_pointwise(codes, 1.0, 128, packed, scale, zeros, bias,
+                                              1.0, 0, torch.float32, "none", [], "")
 
 
-def rope_qkv(qkv: torch.Tensor, zero, cos: torch.Tensor, sin: torch.Tensor, heads: int,
-             kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The side-by-side ``[q | k | v]`` projections (batch, tokens, (heads + 2 kv_heads) dim),
-    less their zero-point term, split into heads, with Llama's rotary embedding (``cos``,
-    ``sin``: (batch, tokens, dim)) applied to q and k, in one pass that writes each as a
-    contiguous (batch, heads, tokens, dim) tensor (the layout SDPA runs fastest on): the
-    formulas of HF's ``apply_rotary_pos_emb``."""
-    rowsum, zero_scale = zero or (None, None)
-    name = f"rope_qkv_{qkv.shape[-1]}_{cos.shape[-1]}_{heads}_{kv_heads}"
-    return _compiled(name, _rope_qkv, dynamic=None)(
-        qkv, None if rowsum is None else rowsum.view(qkv.shape[:-1]), zero_scale, cos, sin,
-        heads, kv_heads)
+def _onednn_linear_shape(codes, packed, scale, zeros, bias):
+    return codes.new_empty((codes.shape[0], scale.shape[0]), dtype=torch.float32)
 
 
-def rms_norm_codes(x: torch.Tensor, weight: torch.Tensor, eps: float, inv_scale: torch.Tensor,
-                   bits: int, shift: torch.Tensor | None = None, want_rowsum: bool = False):
-    """The static codes of a Llama RMSNorm of ``x`` (tokens, d) in float32, in one pass (the
-    normalized values themselves are not kept): ``(codes, row sums or None)``."""
-    return _compiled(f"rms_codes_{x.shape[-1]}", _rms_norm_codes, dynamic=None)(
-        x, weight, eps, inv_scale, shift, *code_range(bits), want_rowsum)
+# oneDNN's int8 GEMM (``torch.ops.onednn.qlinear_pointwise``) on the bytes ``code + 128`` and
+# a prepacked weight, in float32: ``(codes @ W^T) * scale + bias``, as an opaque op, so that a
+# compiled graph can call it with the weight as an input (inductor's own lowering of the op
+# wants the weight frozen into the graph as a constant). Defined with the plain operator
+# registry rather than ``torch.library.custom_op``, whose wrapper costs ~0.1 ms a call.
+_library = torch.library.Library("pertoken", "DEF")
+_library.define("onednn_linear(Tensor codes, Tensor packed, Tensor scale, Tensor zeros, "
+                "Tensor? bias) -> Tensor")
+_library.impl("onednn_linear", _onednn_linear, "CompositeExplicitAutograd")
+torch.library.register_fake("pertoken::onednn_linear", _onednn_linear_shape, lib=_library)
+onednn_linear = torch.ops.pertoken.onednn_linear
 
 
-def add_rms_norm_codes(residual: torch.Tensor, y: torch.Tensor, zero,
-                       token_scale: torch.Tensor, bias: torch.Tensor | None,
-                       weight: torch.Tensor, eps: float, inv_scale: torch.Tensor, bits: int,
-                       shift: torch.Tensor | None = None, want_rowsum: bool = False):
-    """A residual connection followed by a Llama RMSNorm and its static codes, in one pass:
-    ``h = residual + (y - zero term) * token_scale[:, None] + bias`` (``y`` a per-token
-    linear's output before its token scales) and ``(h, *rms_norm_codes(h, ...))``."""
-    rowsum, zero_scale = zero or (None, None)
-    return _compiled(f"add_rms_codes_{y.shape[-1]}", _add_rms_norm_codes, dynamic=None)(
-        residual, y, rowsum, zero_scale, token_scale, bias, weight, eps, inv_scale, shift,
-        *code_range(bits), want_rowsum)
+def _gemm(codes, gemm, bias: bool = False):
+    """``gemm`` (packed weight, scales, zeros, bias, zero-point scales: see
+    :meth:`pertoken.quant.qlinear.OnednnWeights.tensors`) on ``codes``, its bias added only if
+    ``bias``; the zero-point term is left to the caller."""
+    packed, scale, zeros, gemm_bias, _ = gemm
+    return onednn_linear(codes, packed, scale, zeros, gemm_bias if bias else None)
 
 
-def add_scaled(residual: torch.Tensor, y: torch.Tensor, zero, token_scale: torch.Tensor,
-               bias: torch.Tensor | None) -> torch.Tensor:
-    """``residual + (y - zero term) * token_scale[:, None] + bias`` in one pass."""
-    rowsum, zero_scale = zero or (None, None)
-    return _compiled(f"add_scaled_{y.shape[-1]}", _add_scaled, dynamic=None)(
-        residual, y, rowsum, zero_scale, token_scale, bias)
+def _layer_qkv(x, weight, eps: float, inv_scale, shift, lo: int, hi: int, gemm, cos, sin,
+               heads: int, kv_heads: int):
+    batch, tokens, width = x.shape
+    zero_scale = gemm[4]
+    codes, rowsum = _rms_norm_codes(x.reshape(-1, width), weight, eps, inv_scale, shift, lo,
+                                    hi, zero_scale is not None)
+    qkv = _gemm(codes, gemm, bias=True).view(batch, tokens, -1)
+    rowsum = rowsum.view(batch, tokens) if rowsum is not None else None
+    return _rope_qkv(qkv, rowsum, zero_scale, cos, sin, heads, kv_heads)
 
 
-def heads_per_token_codes(attn: torch.Tensor, inv_scale: torch.Tensor | None, bits: int,
-                          want_rowsum: bool = False):
-    """Per-token codes of an attention output (batch, heads, tokens, dim), read as the
-    (batch * tokens, heads * dim) matrix that ``o_proj`` takes without writing that matrix
-    out first: ``(codes, token scales, row sums or None)``."""
-    name = f"heads_per_token_{attn.shape[1]}_{attn.shape[3]}"
-    return _compiled(name, _heads_per_token, dynamic=None)(attn, inv_scale, *code_range(bits),
-                                                            want_rowsum)
+def _layer_rest(x, attn, o_proj, o_inv_scale, o_bias, o_lo: int, o_hi: int, weight,
+                eps: float, gate_inv_scale, gate_shift, gate_lo: int, gate_hi: int, gate_up,
+                down_inv_scale, down_lo: int, down_hi: int, down, down_bias):
+    flat = x.reshape(-1, x.shape[-1])
+    codes, token_scale, rowsum = _heads_per_token(attn, o_inv_scale, o_lo, o_hi,
+                                                  o_proj[4] is not None)
+    h, codes, rowsum = _add_rms_norm_codes(
+        flat, _gemm(codes, o_proj), rowsum, o_proj[4], token_scale, o_bias, weight, eps,
+        gate_inv_scale, gate_shift, gate_lo, gate_hi, gate_up[4] is not None)
+    codes, token_scale, rowsum = _silu_mul_codes(
+        _gemm(codes, gate_up, bias=True), rowsum, gate_up[4], down_inv_scale, down_lo, down_hi,
+        True, down[4] is not None)
+    return _add_scaled(h, _gemm(codes, down), rowsum, down[4], token_scale,
+                       down_bias).view(x.shape)
+
+
+def _layer_sdpa_rest(x, q, k, v, scaling: float, *rest):
+    attn = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    return _layer_rest(x, attn, *rest)
+
+
+# The two halves of the fused decoder layer (:mod:`pertoken.quant.fused`), each one compiled
+# graph around oneDNN's GEMMs. A ``gemm`` argument is the tuple of
+# :meth:`pertoken.quant.qlinear.OnednnWeights.tensors`; codes go to it as oneDNN's bytes
+# ``code + 128``; an asymmetric weight's zero-point term ``rowsum(codes) ⊗ zero * step`` is
+# subtracted in the loop that reads the GEMM's output, from row sums the quantizer before it
+# computes on the way.
+def layer_qkv(x: torch.Tensor, weight: torch.Tensor, eps: float, inv_scale: torch.Tensor,
+              shift: torch.Tensor | None, bits: int, gemm: tuple, cos: torch.Tensor,
+              sin: torch.Tensor, heads: int, kv_heads: int):
+    """The attention inputs of a Llama decoder layer from its input ``x`` (batch, tokens, d):
+    the input RMSNorm (``weight``, ``eps``) and its static codes (``inv_scale``, ``shift``,
+    ``bits``), q/k/v as one GEMM, then the head split and the rotary embedding (``cos``,
+    ``sin``: (batch, tokens, dim)) with the formulas of HF's ``apply_rotary_pos_emb``;
+    ``(q, k, v)``, each a contiguous (batch, heads, tokens, dim) tensor (the layout SDPA runs
+    fastest on)."""
+    name = f"layer_qkv_{x.shape[-1]}_{gemm[1].shape[0]}_{heads}_{kv_heads}"
+    return _compiled(name, _layer_qkv, dynamic=None)(
+        x, weight, eps, inv_scale, shift, *code_range(bits), gemm, cos, sin, heads, kv_heads)
+
+
+def layer_rest(x: torch.Tensor, attn: torch.Tensor | tuple, o_proj: tuple,
+               o_inv_scale: torch.Tensor | None, o_bias: torch.Tensor | None, o_bits: int,
+               weight: torch.Tensor, eps: float, gate_inv_scale: torch.Tensor,
+               gate_shift: torch.Tensor | None, gate_bits: int, gate_up: tuple,
+               down_inv_scale: torch.Tensor | None, down_bits: int, down: tuple,
+               down_bias: torch.Tensor | None, scaling: float | None = None) -> torch.Tensor:
+    """The rest of a Llama decoder layer with input ``x``: from the attention output ``attn``
+    (batch, heads, tokens, dim), or from ``attn = (q, k, v)`` through causal SDPA (``scaling``)
+    first, o_proj's per-token codes read straight from the heads and its GEMM, the residual
+    connection, the post-attention RMSNorm (``weight``, ``eps``) and the gate/up codes, gate/up
+    as one GEMM, SwiGLU's product and down_proj's per-token codes, down_proj's GEMM, and the
+    second residual connection: the layer's output. ``*_inv_scale``, ``*_bias``, ``*_shift``
+    and ``*_bits`` are the quantizers' and linears' own."""
+    rest = (o_proj, o_inv_scale, o_bias, *code_range(o_bits), weight, eps, gate_inv_scale,
+            gate_shift, *code_range(gate_bits), gate_up, down_inv_scale,
+            *code_range(down_bits), down, down_bias)
+    widths = f"{x.shape[-1]}_{gate_up[1].shape[0]}"
+    if isinstance(attn, tuple):
+        return _compiled(f"layer_sdpa_rest_{widths}", _layer_sdpa_rest, dynamic=None)(
+            x, *attn, scaling, *rest)
+    return _compiled(f"layer_rest_{widths}_{attn.shape[1]}", _layer_rest, dynamic=None)(
+        x, attn, *rest)
 
 
 def epilogue(acc: torch.Tensor, token_scale: torch.Tensor | None, weight_scale: torch.Tensor,

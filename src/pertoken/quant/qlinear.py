@@ -128,6 +128,11 @@ class OnednnWeights:
                 key += (t.data_ptr(), t._version)
         return tuple(key)
 
+    def tensors(self) -> tuple:
+        """``(packed weight, scales, zeros, bias or None, zero-point scales or None)``: what a
+        compiled kernel takes (:func:`pertoken.quant.kernels.layer_qkv`)."""
+        return self.packed, self.scale, self.zeros, self.bias, self.zero_scale
+
     def unscaled(self, codes: torch.Tensor, bias: bool = False,
                  zero_term: bool = True) -> torch.Tensor:
         """The outputs before the per-token scales (and, unless ``bias``, before the bias):
