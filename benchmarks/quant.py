@@ -205,13 +205,19 @@ def _median_ms(fn, repeats: int, warmup: int = 1) -> float:
     return 1000 * statistics.median(times)
 
 
-def timings(model, prompt: torch.Tensor, decode_steps: int) -> dict:
-    """One round: prefill ms for ``prompt`` (1, T) with next-token logits and with all logits,
-    and the median ms of a one-token decode step after a 128-token prompt."""
+def _prefill_ms(model, prompt: torch.Tensor) -> float:
+    """ms of one prefill of ``prompt`` (1, T) with next-token logits."""
     with torch.inference_mode():
         t0 = time.perf_counter()
         model(input_ids=prompt, logits_to_keep=1)
-        last = time.perf_counter() - t0
+        return 1000 * (time.perf_counter() - t0)
+
+
+def timings(model, prompt: torch.Tensor, decode_steps: int) -> dict:
+    """One round: prefill ms for ``prompt`` (1, T) with next-token logits and with all logits,
+    and the median ms of a one-token decode step after a 128-token prompt."""
+    last = _prefill_ms(model, prompt)
+    with torch.inference_mode():
         t0 = time.perf_counter()
         model(input_ids=prompt)
         full = time.perf_counter() - t0
@@ -223,7 +229,7 @@ def timings(model, prompt: torch.Tensor, decode_steps: int) -> dict:
             out = model(input_ids=token, past_key_values=past, use_cache=True)
             steps.append(time.perf_counter() - t0)
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return {"prefill_ms": 1000 * last, "prefill_all_logits_ms": 1000 * full,
+    return {"prefill_ms": last, "prefill_all_logits_ms": 1000 * full,
             "decode_ms_per_token": 1000 * statistics.median(steps)}
 
 
@@ -231,10 +237,13 @@ def interleaved_speed(subjects: list[dict], prompt: torch.Tensor, repeats: int,
                       decode_steps: int) -> None:
     """Time every subject once per round, the rounds interleaving the subjects (so a slow
     spell of the machine hits them all alike); fill each subject's row with the medians over
-    rounds, and its speed ratios to fp32 and bf16 as the median of the per-round ratios."""
+    rounds, and its speed ratios to fp32 and bf16 as the median of the per-round ratios.
+    The prefill ratio to fp32 pairs each prefill with an fp32 prefill timed right beside it
+    (first or second in turn), since this machine's speed drifts within a round."""
     from pertoken.quant.kernels import use_compiled_kernels
     from pertoken.quant.qlinear import use_gemm
 
+    fp32 = next(sub for sub in subjects if sub["row"]["name"] == "fp32")["model"]
     rounds = []
     for r in range(repeats + 1):  # round 0 warms up (and packs and compiles)
         times = {}
@@ -242,7 +251,14 @@ def interleaved_speed(subjects: list[dict], prompt: torch.Tensor, repeats: int,
             use_compiled_kernels(sub["row"]["compiled_kernels"])
             use_gemm(sub["row"]["gemm"] or "onednn")
             try:
-                times[sub["row"]["name"]] = timings(sub["model"], prompt, decode_steps)
+                row = times[sub["row"]["name"]] = timings(sub["model"], prompt, decode_steps)
+                row["paired_vs_fp32"] = 1.0
+                if sub["model"] is not fp32:
+                    if r % 2:
+                        base, own = _prefill_ms(fp32, prompt), _prefill_ms(sub["model"], prompt)
+                    else:
+                        own, base = _prefill_ms(sub["model"], prompt), _prefill_ms(fp32, prompt)
+                    row["paired_vs_fp32"] = base / own
             finally:
                 use_compiled_kernels(False)
                 use_gemm("onednn")
@@ -263,6 +279,7 @@ def interleaved_speed(subjects: list[dict], prompt: torch.Tensor, repeats: int,
             row[f"all_logits_vs_{base}"] = statistics.median(
                 t[base]["prefill_all_logits_ms"] / t[name]["prefill_all_logits_ms"]
                 for t in rounds)
+        row["prefill_vs_fp32"] = statistics.median(t[name]["paired_vs_fp32"] for t in rounds)
         row["decode_vs_fp32"] = statistics.median(
             t["fp32"]["decode_ms_per_token"] / t[name]["decode_ms_per_token"] for t in rounds)
 
@@ -461,7 +478,9 @@ def main() -> None:
                   f"below; the embedding stored in bf16. Speed at {args.threads} thread(s), "
                   f"one 512-token wiki-en prompt, all models loaded and timed in turn in each "
                   f"of {args.repeats} rounds (after a warm-up round): medians over rounds, "
-                  f"speed ratios the median of each round's ratio; quantized models keep the "
+                  f"speed ratios the median of each round's ratio (prefill vs fp32: of a "
+                  f"prefill and an fp32 prefill timed side by side, in turn first and "
+                  f"second); quantized models keep the "
                   f"rest in {args.rest_dtype}; packed_mb is the prepacked copy of the int8 "
                   f"weights that oneDNN runs on, held next to the saved buffers."),
               "environment": {**environment(), **cpu_features()}, "perplexity": rows, "speed": speed_rows,

@@ -220,21 +220,58 @@ def test_the_fused_decoder_layer_handles_caches_masks_and_decoding(tmp_path):
 
     want = outputs()
     fused_layers = []
-    layer_qkv = kernels.layer_qkv
+    layer_rest = kernels.layer_rest
 
     def counting(x, *args):
         fused_layers.append(x.shape[1])
-        return layer_qkv(x, *args)
+        return layer_rest(x, *args)
 
     assert kernels.use_compiled_kernels(True)
-    kernels.layer_qkv = counting
+    kernels.layer_rest = counting
     try:
         got = outputs()
     finally:
-        kernels.layer_qkv = layer_qkv
+        kernels.layer_rest = layer_rest
         kernels.use_compiled_kernels(False)
     # two layers fused in each of the prefill, the first and second calls, the padded batch
     assert fused_layers == [20, 20, 20, 20, 18, 18, 24, 24]
     assert torch.equal(got[0], want[0])
     _close_logits(got[1], want[1])
     _close_logits(got[2], want[2])
+
+
+def test_a_fused_layer_computes_the_next_ones_inputs_unless_a_hook_intervenes(tmp_path):
+    """Each fused layer hands the next one its q/k/v, computed from its output in the same
+    graph (one q/k/v graph a forward instead of one a layer); a forward hook that edits the
+    output in place in between makes the next layer compute them afresh, as unfused."""
+    model = _quantized_tiny_llama(tmp_path)
+    ids = torch.randint(4, 200, (1, 24), generator=torch.Generator().manual_seed(4))
+
+    def edit(module, args, output):
+        output.mul_(0.5)
+
+    calls = []
+    layer_qkv = kernels.layer_qkv
+
+    def counting(x, *args):
+        calls.append(x.shape[1])
+        return layer_qkv(x, *args)
+
+    results = {}
+    for hooked in (False, True):
+        handle = model.model.layers[0].register_forward_hook(edit) if hooked else None
+        with torch.no_grad():
+            want = model(input_ids=ids).logits
+        assert kernels.use_compiled_kernels(True)
+        kernels.layer_qkv = counting
+        try:
+            with torch.no_grad():
+                results[hooked] = model(input_ids=ids).logits
+        finally:
+            kernels.layer_qkv = layer_qkv
+            kernels.use_compiled_kernels(False)
+            if handle is not None:
+                handle.remove()
+        _close_logits(results[hooked], want)
+    assert calls == [24, 24, 24]  # the first layer's alone, then both layers' with the hook
+    assert not torch.allclose(results[True], results[False])

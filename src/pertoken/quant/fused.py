@@ -15,8 +15,10 @@ tokens for oneDNN's GEMM (a prefill):
   asymmetric weights' zero-point terms are subtracted in the loop that reads each GEMM's
   output, from row sums the quantizer before it computed. With an attention mask, a cache
   with more keys than queries or another attention implementation, HF's attention runs
-  between the two graphs. Forward hooks on the layer's submodules do not fire on this path
-  (the layer's own do);
+  between the two graphs. The second graph also computes the next layer's q/k/v from the
+  output, which that layer takes when it gets that very output (no forward hooks on either
+  layer): one graph fewer a layer. Forward hooks on the layer's submodules do not fire on
+  this path (the layer's own do);
 - elsewhere, an RMSNorm that feeds a static group computes its output and the group's codes in
   one loop and hands the codes to the group, and the MLP runs gate/up as one GEMM, then SwiGLU
   and ``down_proj``'s quantizer as one loop.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import sys
 import types
+import weakref
 
 import torch
 from torch import nn
@@ -88,6 +91,7 @@ def _layer_forward(layer: nn.Module, hidden_states: torch.Tensor,
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
     x = hidden_states
+    stash = vars(layer).pop("_pertoken_stash", None)
     if not (kernels.compiled_kernels_on(x.numel() // x.shape[-1])
             and x.dtype == torch.float32 and x.dim() == 3
             and position_embeddings is not None and not kwargs.get("output_attentions")
@@ -95,15 +99,12 @@ def _layer_forward(layer: nn.Module, hidden_states: torch.Tensor,
         return type(layer).forward(layer, hidden_states, attention_mask=attention_mask,
                                    position_ids=position_ids, cache=cache, use_cache=use_cache,
                                    position_embeddings=position_embeddings, **kwargs)
-    attn, mlp = layer.self_attn, layer.mlp
-    norm, o_proj, down = layer.input_layernorm, attn.o_proj, mlp.down_proj
-    qkv_group, mlp_group = attn.q_proj.shared, mlp.gate_proj.shared
-    first, gate = qkv_group.layers[0], mlp_group.layers[0]
-    heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
-    query, key, value = kernels.layer_qkv(
-        x, norm.weight, norm.variance_epsilon, first.inv_scale, _optional(first.shift),
-        first.a_bits, _onednn_weights(qkv_group, qkv_group.layers).tensors(),
-        *position_embeddings, heads, kv_heads)
+    attn = layer.self_attn
+    if (stash is not None and stash[0] is hidden_states and stash[1] is position_embeddings
+            and _hookless(layer)):
+        query, key, value = stash[2:]  # computed by the layer before, from this very input
+    else:
+        query, key, value = kernels.layer_qkv(x, _qkv_args(layer), *position_embeddings)
     attn_kwargs = {"position_ids": position_ids, "use_cache": use_cache, **kwargs}
     if cache is not None:
         key, value = cache.update(key, value, attn.layer_idx, kwargs=attn_kwargs)
@@ -118,14 +119,46 @@ def _layer_forward(layer: nn.Module, hidden_states: torch.Tensor,
         out, _ = attend(attn, query, key, value, attention_mask, dropout=0.0,
                         scaling=attn.scaling, **attn_kwargs)
         out = out.transpose(1, 2)  # HF returns (batch, tokens, heads, dim)
-    norm = layer.post_attention_layernorm
-    return kernels.layer_rest(
-        x, out, _onednn_weights(o_proj, [o_proj]).tensors(), _optional(o_proj.inv_scale),
-        _optional(o_proj.bias), o_proj.a_bits, norm.weight, norm.variance_epsilon,
-        gate.inv_scale, _optional(gate.shift), gate.a_bits,
-        _onednn_weights(mlp_group, mlp_group.layers).tensors(), _optional(down.inv_scale),
-        down.a_bits, _onednn_weights(down, [down]).tensors(), _optional(down.bias),
-        attn.scaling)
+    following = vars(layer).get("_pertoken_next")
+    following = following() if following is not None else None
+    if following is None or not (_hookless(layer) and _hookless(following)):
+        return kernels.layer_rest(x, out, _rest_args(layer), attn.scaling)
+    # The next layer's q/k/v from this layer's output in the same graph, handed over for its
+    # call, which takes them if that output reaches it untouched (no hooks in between).
+    y, *qkv = kernels.layer_rest(x, out, _rest_args(layer), attn.scaling, _qkv_args(following),
+                                 *position_embeddings)
+    vars(following)["_pertoken_stash"] = (y, position_embeddings, *qkv)
+    return y
+
+
+def _qkv_args(layer: nn.Module) -> tuple:
+    """:func:`pertoken.quant.kernels.layer_qkv`'s ``qkv`` argument for ``layer``."""
+    attn, norm = layer.self_attn, layer.input_layernorm
+    group = attn.q_proj.shared
+    first = group.layers[0]
+    return (norm.weight, norm.variance_epsilon, first.inv_scale, _optional(first.shift),
+            first.a_bits, _onednn_weights(group, group.layers).tensors(),
+            attn.config.num_attention_heads, attn.config.num_key_value_heads)
+
+
+def _rest_args(layer: nn.Module) -> tuple:
+    """:func:`pertoken.quant.kernels.layer_rest`'s ``rest`` argument for ``layer``."""
+    o_proj, mlp, norm = layer.self_attn.o_proj, layer.mlp, layer.post_attention_layernorm
+    group, down = mlp.gate_proj.shared, mlp.down_proj
+    gate = group.layers[0]
+    return (_onednn_weights(o_proj, [o_proj]).tensors(), _optional(o_proj.inv_scale),
+            _optional(o_proj.bias), o_proj.a_bits, norm.weight, norm.variance_epsilon,
+            gate.inv_scale, _optional(gate.shift), gate.a_bits,
+            _onednn_weights(group, group.layers).tensors(), _optional(down.inv_scale),
+            down.a_bits, _onednn_weights(down, [down]).tensors(), _optional(down.bias))
+
+
+def _hookless(layer: nn.Module) -> bool:
+    """Whether no forward hook can change ``layer``'s input or output (its own or global)."""
+    from torch.nn.modules import module
+
+    return not (layer._forward_hooks or layer._forward_pre_hooks
+                or module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 def _fusable_layer(layer: nn.Module):
@@ -188,4 +221,14 @@ def link_fused_blocks(model: nn.Module) -> int:
                 and (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation")):
             mlp.forward = types.MethodType(_mlp_forward, mlp)
             fused += 1
+    for stack in model.modules():  # a fused layer computes the q/k/v of the one it feeds
+        if isinstance(stack, nn.ModuleList):
+            for layer, following in zip(stack, stack[1:]):
+                if _runs_fused(layer) and _runs_fused(following):
+                    layer._pertoken_next = weakref.ref(following)
     return fused
+
+
+def _runs_fused(layer: nn.Module) -> bool:
+    forward = vars(layer).get("forward")
+    return getattr(forward, "__func__", None) is _layer_forward

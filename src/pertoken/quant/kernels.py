@@ -242,8 +242,8 @@ def _gemm(codes, gemm, bias: bool = False):
     return onednn_linear(codes, packed, scale, zeros, gemm_bias if bias else None)
 
 
-def _layer_qkv(x, weight, eps: float, inv_scale, shift, lo: int, hi: int, gemm, cos, sin,
-               heads: int, kv_heads: int):
+def _layer_qkv(x, weight, eps: float, inv_scale, shift, lo: int, hi: int, gemm, heads: int,
+               kv_heads: int, cos, sin):
     batch, tokens, width = x.shape
     zero_scale = gemm[4]
     codes, rowsum = _rms_norm_codes(x.reshape(-1, width), weight, eps, inv_scale, shift, lo,
@@ -269,54 +269,84 @@ def _layer_rest(x, attn, o_proj, o_inv_scale, o_bias, o_lo: int, o_hi: int, weig
                        down_bias).view(x.shape)
 
 
-def _layer_sdpa_rest(x, q, k, v, scaling: float, *rest):
-    attn = torch.nn.functional.scaled_dot_product_attention(
+def _sdpa(q, k, v, scaling: float):
+    return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _layer_sdpa_rest(x, q, k, v, scaling: float, rest):
+    return _layer_rest(x, _sdpa(q, k, v, scaling), *rest)
+
+
+def _layer_attn_rest(x, attn, rest):
     return _layer_rest(x, attn, *rest)
 
 
-# The two halves of the fused decoder layer (:mod:`pertoken.quant.fused`), each one compiled
-# graph around oneDNN's GEMMs. A ``gemm`` argument is the tuple of
+# The same, then the next layer's attention inputs from the output: one graph fewer a layer.
+def _layer_sdpa_rest_qkv(x, q, k, v, scaling: float, rest, next_qkv, cos, sin):
+    out = _layer_rest(x, _sdpa(q, k, v, scaling), *rest)
+    return (out, *_layer_qkv(out, *next_qkv, cos, sin))
+
+
+def _layer_attn_rest_qkv(x, attn, rest, next_qkv, cos, sin):
+    out = _layer_rest(x, attn, *rest)
+    return (out, *_layer_qkv(out, *next_qkv, cos, sin))
+
+
+# The parts of the fused decoder layer (:mod:`pertoken.quant.fused`), each one compiled graph
+# around oneDNN's GEMMs (a function of its own for each variant: dynamo bounds the graphs one
+# function may hold). A ``gemm`` is the tuple of
 # :meth:`pertoken.quant.qlinear.OnednnWeights.tensors`; codes go to it as oneDNN's bytes
 # ``code + 128``; an asymmetric weight's zero-point term ``rowsum(codes) ⊗ zero * step`` is
 # subtracted in the loop that reads the GEMM's output, from row sums the quantizer before it
 # computes on the way.
-def layer_qkv(x: torch.Tensor, weight: torch.Tensor, eps: float, inv_scale: torch.Tensor,
-              shift: torch.Tensor | None, bits: int, gemm: tuple, cos: torch.Tensor,
-              sin: torch.Tensor, heads: int, kv_heads: int):
+def _qkv_args(qkv: tuple) -> tuple:
+    weight, eps, inv_scale, shift, bits, gemm, heads, kv_heads = qkv
+    return (weight, eps, inv_scale, shift, *code_range(bits), gemm, heads, kv_heads)
+
+
+def _qkv_widths(x: torch.Tensor, qkv: tuple) -> str:
+    return f"{x.shape[-1]}_{qkv[5][1].shape[0]}_{qkv[6]}_{qkv[7]}"
+
+
+def layer_qkv(x: torch.Tensor, qkv: tuple, cos: torch.Tensor, sin: torch.Tensor):
     """The attention inputs of a Llama decoder layer from its input ``x`` (batch, tokens, d):
-    the input RMSNorm (``weight``, ``eps``) and its static codes (``inv_scale``, ``shift``,
-    ``bits``), q/k/v as one GEMM, then the head split and the rotary embedding (``cos``,
-    ``sin``: (batch, tokens, dim)) with the formulas of HF's ``apply_rotary_pos_emb``;
-    ``(q, k, v)``, each a contiguous (batch, heads, tokens, dim) tensor (the layout SDPA runs
-    fastest on)."""
-    name = f"layer_qkv_{x.shape[-1]}_{gemm[1].shape[0]}_{heads}_{kv_heads}"
-    return _compiled(name, _layer_qkv, dynamic=None)(
-        x, weight, eps, inv_scale, shift, *code_range(bits), gemm, cos, sin, heads, kv_heads)
+    the input RMSNorm and its static codes, q/k/v as one GEMM, then the head split and the
+    rotary embedding (``cos``, ``sin``: (batch, tokens, dim)) with the formulas of HF's
+    ``apply_rotary_pos_emb``; ``(q, k, v)``, each a contiguous (batch, heads, tokens, dim)
+    tensor (the layout SDPA runs fastest on). ``qkv`` is ``(norm weight, eps, inv_scale,
+    shift or None, bits, gemm, heads, kv_heads)``: the norm's, the q/k/v group's quantizer's,
+    its GEMM, and the attention's head counts."""
+    return _compiled(f"layer_qkv_{_qkv_widths(x, qkv)}", _layer_qkv, dynamic=None)(
+        x, *_qkv_args(qkv), cos, sin)
 
 
-def layer_rest(x: torch.Tensor, attn: torch.Tensor | tuple, o_proj: tuple,
-               o_inv_scale: torch.Tensor | None, o_bias: torch.Tensor | None, o_bits: int,
-               weight: torch.Tensor, eps: float, gate_inv_scale: torch.Tensor,
-               gate_shift: torch.Tensor | None, gate_bits: int, gate_up: tuple,
-               down_inv_scale: torch.Tensor | None, down_bits: int, down: tuple,
-               down_bias: torch.Tensor | None, scaling: float | None = None) -> torch.Tensor:
+def layer_rest(x: torch.Tensor, attn: torch.Tensor | tuple, rest: tuple,
+               scaling: float | None = None, next_qkv: tuple | None = None,
+               cos: torch.Tensor | None = None, sin: torch.Tensor | None = None):
     """The rest of a Llama decoder layer with input ``x``: from the attention output ``attn``
-    (batch, heads, tokens, dim), or from ``attn = (q, k, v)`` through causal SDPA (``scaling``)
-    first, o_proj's per-token codes read straight from the heads and its GEMM, the residual
-    connection, the post-attention RMSNorm (``weight``, ``eps``) and the gate/up codes, gate/up
-    as one GEMM, SwiGLU's product and down_proj's per-token codes, down_proj's GEMM, and the
-    second residual connection: the layer's output. ``*_inv_scale``, ``*_bias``, ``*_shift``
-    and ``*_bits`` are the quantizers' and linears' own."""
-    rest = (o_proj, o_inv_scale, o_bias, *code_range(o_bits), weight, eps, gate_inv_scale,
-            gate_shift, *code_range(gate_bits), gate_up, down_inv_scale,
-            *code_range(down_bits), down, down_bias)
-    widths = f"{x.shape[-1]}_{gate_up[1].shape[0]}"
-    if isinstance(attn, tuple):
-        return _compiled(f"layer_sdpa_rest_{widths}", _layer_sdpa_rest, dynamic=None)(
-            x, *attn, scaling, *rest)
-    return _compiled(f"layer_rest_{widths}_{attn.shape[1]}", _layer_rest, dynamic=None)(
-        x, attn, *rest)
+    (batch, heads, tokens, dim), or from ``attn = (q, k, v)`` through causal SDPA
+    (``scaling``) first, o_proj's per-token codes read straight from the heads and its GEMM,
+    the residual connection, the post-attention RMSNorm and the gate/up codes, gate/up as one
+    GEMM, SwiGLU's product and down_proj's per-token codes, down_proj's GEMM, and the second
+    residual connection: the layer's output. ``rest`` is ``(o_proj gemm, o_proj inv_scale or
+    None, o_proj bias or None, o_proj bits, norm weight, eps, gate inv_scale, gate shift or
+    None, gate bits, gate/up gemm, down inv_scale or None, down bits, down gemm, down bias or
+    None)``. With ``next_qkv`` (:func:`layer_qkv`'s argument for the next layer, and its
+    ``cos``, ``sin``), ``(output, *layer_qkv(output, next_qkv, cos, sin))`` from one graph."""
+    (o_gemm, o_inv, o_bias, o_bits, weight, eps, gate_inv, gate_shift, gate_bits, gate_up,
+     down_inv, down_bits, down, down_bias) = rest
+    rest = (o_gemm, o_inv, o_bias, *code_range(o_bits), weight, eps, gate_inv, gate_shift,
+            *code_range(gate_bits), gate_up, down_inv, *code_range(down_bits), down, down_bias)
+    sdpa = isinstance(attn, tuple)
+    head = (*attn, scaling) if sdpa else (attn,)
+    widths = f"{x.shape[-1]}_{gate_up[1].shape[0]}" + ("" if sdpa else f"_{attn.shape[1]}")
+    if next_qkv is None:
+        fn = _layer_sdpa_rest if sdpa else _layer_attn_rest
+        return _compiled(f"{fn.__name__}_{widths}", fn, dynamic=None)(x, *head, rest)
+    fn = _layer_sdpa_rest_qkv if sdpa else _layer_attn_rest_qkv
+    return _compiled(f"{fn.__name__}_{widths}_{_qkv_widths(x, next_qkv)}", fn, dynamic=None)(
+        x, *head, rest, _qkv_args(next_qkv), cos, sin)
 
 
 def epilogue(acc: torch.Tensor, token_scale: torch.Tensor | None, weight_scale: torch.Tensor,
