@@ -92,8 +92,7 @@ def _onednn_linear(codes: torch.Tensor, packed: torch.Tensor, scale: torch.Tenso
     unsigned = codes if codes.dtype == torch.uint8 else codes.view(torch.uint8).bitwise_xor(128)
     if zeros is None:
         zeros = torch.zeros(scale.numel(), dtype=torch.int32)
-    return torch.ops.onednn.qlinear_pointwise(unsigned, 1.0, 128, packed, scale, zeros, bias,
-                                              1.0, 0, torch.float32, "none", [], "")
+    return kernels.onednn_linear(unsigned, packed, scale, zeros, bias)
 
 
 class OnednnWeights:
@@ -133,26 +132,18 @@ class OnednnWeights:
         compiled kernel takes (:func:`pertoken.quant.kernels.layer_qkv`)."""
         return self.packed, self.scale, self.zeros, self.bias, self.zero_scale
 
-    def unscaled(self, codes: torch.Tensor, bias: bool = False,
-                 zero_term: bool = True) -> torch.Tensor:
-        """The outputs before the per-token scales (and, unless ``bias``, before the bias):
-        ``codes @ W^T`` times the weights' steps, with the zero-point term of asymmetric
-        weights unless ``zero_term`` is False (then the caller subtracts
-        ``rowsum(codes) ⊗ zero_scale`` itself)."""
-        y = _onednn_linear(codes, self.packed, self.scale, self.bias if bias else None,
+    def __call__(self, codes: torch.Tensor, token_scale: torch.Tensor | None) -> torch.Tensor:
+        """The float32 outputs (tokens, sum of out_features) for int8 ``codes`` (or the uint8
+        bytes ``code + 128``): ``codes @ W^T`` times the weights' steps, less the zero-point
+        term of asymmetric weights, times the token scales if given, plus the bias."""
+        static = token_scale is None
+        y = _onednn_linear(codes, self.packed, self.scale, self.bias if static else None,
                            self.zeros)
-        if zero_term and self.zero_scale is not None:
+        if self.zero_scale is not None:
             rowsum = codes.sum(dim=1, dtype=torch.int32)
             if codes.dtype == torch.uint8:
                 rowsum -= 128 * codes.shape[1]
             y.addr_(rowsum.float(), self.zero_scale, alpha=-1)
-        return y
-
-    def __call__(self, codes: torch.Tensor, token_scale: torch.Tensor | None) -> torch.Tensor:
-        """The float32 outputs (tokens, sum of out_features) for int8 ``codes`` (or the uint8
-        bytes ``code + 128``)."""
-        static = token_scale is None
-        y = self.unscaled(codes, bias=static)
         if not static:
             y.mul_(token_scale[:, None])
             if self.bias is not None:
