@@ -392,8 +392,18 @@ def main() -> None:
         for run in runs:
             folder = quantized_folder(run, work, batches_fn)
             subjects.append((run.name, run, lambda folder=folder: load(folder)))
+        # The timed W8A8 models once more on the compiled kernels (the timed prefill path):
+        # these can round a value at a tie the other way, and the network amplifies a flip.
+        subjects += [(f"{name} (compiled kernels)", run, model_fn)
+                     for name, run, model_fn in list(subjects)
+                     if name in ("outliertune-w8a8-rtn_asym", "outliertune-w8a8-gptq_sym")]
+        from pertoken.quant.kernels import use_compiled_kernels
+
         for name, run, model_fn in subjects:
             row = {"name": name}
+            compiled = name.endswith("(compiled kernels)")
+            if compiled:
+                row["compiled_kernels"] = use_compiled_kernels(True)
             if run is not None:
                 row.update(method=run.method, w_bits=run.w_bits,
                            a_bits=run.a_bits if run.method != "weight-only" else 16,
@@ -405,10 +415,12 @@ def main() -> None:
                 row.update(method=name, w_bits={"fp32": 32, "bf16": 16}.get(name, 8),
                            a_bits={"fp32": 32, "bf16": 16}.get(name, 8))
             for corpus in corpora:
-                got = cached_perplexity(work / "ppl" / f"{name}-{corpus}-{args.max_tokens}.json",
+                tag = run.name + "-compiled" if compiled else name
+                got = cached_perplexity(work / "ppl" / f"{tag}-{corpus}-{args.max_tokens}.json",
                                         model_fn, corpus, args.max_tokens)
                 row[f"ppl_{corpus}"] = got["perplexity"]
                 row[f"tokens_{corpus}"] = got["tokens"]
+            use_compiled_kernels(False)
             log.info("%s: %s", name, {k: v for k, v in row.items() if k.startswith("ppl")})
             rows.append(row)
         fp = rows[0]
@@ -519,6 +531,9 @@ def summary(rows: list[dict], speed_rows: list[dict], corpora: list[str]) -> dic
         for label, name in (("ot_w8a8", "outliertune-w8a8-rtn_asym"),
                             ("ot_w8a8_sym", "outliertune-w8a8-rtn_sym"),
                             ("ot_w8a8_gptq_sym", "outliertune-w8a8-gptq_sym"),
+                            ("ot_w8a8_compiled", "outliertune-w8a8-rtn_asym (compiled kernels)"),
+                            ("ot_w8a8_gptq_sym_compiled",
+                             "outliertune-w8a8-gptq_sym (compiled kernels)"),
                             ("ot_head_w8a8_sym", "outliertune-head-w8a8-rtn_sym"),
                             ("ot_w6a6", "outliertune-w6a6-gptq"),
                             ("ot_w6a6_rtn", "outliertune-w6a6-rtn_asym"),
@@ -553,6 +568,7 @@ def plot(rows: list[dict], corpus: str) -> dict:
     series = {}
     for row in rows:
         if row.get("weights") in ("gptq", "rtn_asym") and not row.get("head") \
+                and not row.get("compiled_kernels") \
                 and "noshift" not in row["name"] and "nomigrate" not in row["name"] \
                 and row["w_bits"] <= 8 and row["method"] != "per-tensor":
             if row["w_bits"] < 8 and row["weights"] != "gptq":
