@@ -273,13 +273,13 @@ def interleaved_speed(subjects: list[dict], prompt: torch.Tensor, repeats: int,
             row[key] = statistics.median(t[name][key] for t in rounds)
         row["prefill_tok_s"] = tokens / row["prefill_ms"] * 1000
         row["prefill_all_logits_tok_s"] = tokens / row["prefill_all_logits_ms"] * 1000
+        row["prefill_vs_fp32"] = statistics.median(t[name]["paired_vs_fp32"] for t in rounds)
+        row["prefill_vs_bf16"] = statistics.median(
+            t["bf16"]["prefill_ms"] / t[name]["prefill_ms"] for t in rounds)
         for base in ("fp32", "bf16"):
-            row[f"prefill_vs_{base}"] = statistics.median(
-                t[base]["prefill_ms"] / t[name]["prefill_ms"] for t in rounds)
             row[f"all_logits_vs_{base}"] = statistics.median(
                 t[base]["prefill_all_logits_ms"] / t[name]["prefill_all_logits_ms"]
                 for t in rounds)
-        row["prefill_vs_fp32"] = statistics.median(t[name]["paired_vs_fp32"] for t in rounds)
         row["decode_vs_fp32"] = statistics.median(
             t["fp32"]["decode_ms_per_token"] / t[name]["decode_ms_per_token"] for t in rounds)
 

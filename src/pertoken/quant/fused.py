@@ -172,21 +172,27 @@ def _fusable_layer(layer: nn.Module):
     norms = (getattr(layer, "input_layernorm", None),
              getattr(layer, "post_attention_layernorm", None))
     q, k, v, o = (getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
-    linears = (q, k, v, o, gate, up, down)
-    act = getattr(mlp, "act_fn", None)
     eager = getattr(sys.modules.get(type(attn).__module__), "eager_attention_forward", None)
-    fusable = (all(n is not None and _is_rms_norm(n) for n in norms)
-               and all(isinstance(m, QuantLinear) for m in linears)
-               and q.act == gate.act == "static" and o.act == down.act == "per-token"
-               and q.shared is not None and q.shared.layers == [q, k, v]
-               and gate.shared is not None and gate.shared.layers == [gate, up]
-               and o.shared is None and down.shared is None
+    fusable = (all(n is not None and _is_rms_norm(n) for n in norms) and _fusable_mlp(mlp)
+               and all(isinstance(m, QuantLinear) for m in (q, k, v, o))
+               and q.act == mlp.gate_proj.act == "static" and o.act == "per-token"
+               and q.shared is not None and q.shared.layers == [q, k, v] and o.shared is None
                and {n for n, _ in attn.named_children()}
                    == {"q_proj", "k_proj", "v_proj", "o_proj"}
-               and (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation")
                and hasattr(attn, "config") and hasattr(attn, "scaling"))
     return eager if fusable else None
+
+
+def _fusable_mlp(mlp: nn.Module) -> bool:
+    """Whether ``mlp`` is a SwiGLU MLP whose gate/up are one linked group and whose down_proj
+    quantizes per token: what :func:`_mlp_forward` (and the fused layer) run."""
+    gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+    act = getattr(mlp, "act_fn", None)
+    return (isinstance(gate, QuantLinear) and isinstance(up, QuantLinear)
+            and isinstance(down, QuantLinear) and gate.shared is not None
+            and gate.shared.layers == [gate, up] and down.act == "per-token"
+            and down.shared is None
+            and (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"))
 
 
 def link_fused_blocks(model: nn.Module) -> int:
@@ -212,13 +218,7 @@ def link_fused_blocks(model: nn.Module) -> int:
             attn._pertoken_eager = eager
             layer.forward = types.MethodType(_layer_forward, layer)
             fused += 1
-        gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
-        act = getattr(mlp, "act_fn", None)
-        if (isinstance(gate, QuantLinear) and isinstance(up, QuantLinear)
-                and isinstance(down, QuantLinear) and gate.shared is not None
-                and gate.shared.layers == [gate, up] and down.act == "per-token"
-                and down.shared is None
-                and (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation")):
+        if _fusable_mlp(mlp):
             mlp.forward = types.MethodType(_mlp_forward, mlp)
             fused += 1
     for stack in model.modules():  # a fused layer computes the q/k/v of the one it feeds
