@@ -166,13 +166,34 @@ def _close_logits(got, want):
     assert (got - want).abs().max() < 1e-3 * want.abs().max(), (got - want).abs().max()
 
 
-@pytest.mark.parametrize("weights", ["rtn_asym", "rtn_sym"])
-def test_the_fused_decoder_layer_matches_the_unfused_model(tmp_path, weights):
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_causal_attention_in_blocks_equals_causal_attention(monkeypatch, kv_heads):
+    """Causal attention as blocks of query rows over their key prefixes equals a plain
+    softmax over the masked scores, for token counts below, at and off multiples of the
+    block, with grouped-query attention and without."""
+    monkeypatch.setattr(kernels, "ATTENTION_BLOCK", 8)
+    g = torch.Generator().manual_seed(5)
+    for tokens in (3, 37, 16, 21):  # the mask kept from 37 tokens serves 16 and 21
+        q = torch.randn(2, 4, tokens, 16, generator=g)
+        k, v = (torch.randn(2, kv_heads, tokens, 16, generator=g) for _ in range(2))
+        rep = 4 // kv_heads
+        scores = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) * 0.3
+        scores = scores.masked_fill(torch.ones(tokens, tokens).triu(1).bool(), float("-inf"))
+        want = scores.softmax(-1) @ v.repeat_interleave(rep, 1)
+        torch.testing.assert_close(kernels.causal_attention(q, k, v, 0.3), want,
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weights,block", [("rtn_asym", 0), ("rtn_sym", 8)])
+def test_the_fused_decoder_layer_matches_the_unfused_model(tmp_path, monkeypatch, weights,
+                                                           block):
     """With the compiled kernels on, a whole Llama decoder layer runs fused (the norms' codes,
     q/k/v as one GEMM, the rotary embedding, SDPA, o_proj's codes, the residual connections,
     gate/up, SwiGLU and down_proj's codes; asymmetric weights' zero-point terms inside the
     next kernel) and gives the unfused model's logits after a reload, with no quantizer call
-    left to the linears themselves."""
+    left to the linears themselves; with SDPA in the graph or as blocks of query rows
+    (``block``) between the graphs."""
+    monkeypatch.setattr(kernels, "ATTENTION_BLOCK", block)
     model = _quantized_tiny_llama(tmp_path, weights)
     layer = model.model.layers[0]
     assert all("forward" in vars(m) for m in (layer, layer.input_layernorm, layer.mlp))

@@ -8,10 +8,12 @@ tokens for oneDNN's GEMM (a prefill):
   update (:func:`pertoken.quant.kernels.layer_qkv` and :func:`~pertoken.quant.kernels.layer_rest`):
   the input RMSNorm and the q/k/v codes in one loop; q/k/v as one GEMM; the head split and the
   rotary embedding in one loop that writes the contiguous heads SDPA runs fastest on; then
-  SDPA; o_proj's per-token codes read straight from the heads; o_proj's GEMM; the residual
-  connection, the post-attention RMSNorm and the gate/up codes in one loop; gate/up as one
-  GEMM; SwiGLU's product and down_proj's codes in one loop; down_proj's GEMM; its token scales
-  and the residual connection in one loop. Codes go to oneDNN as its unsigned bytes directly;
+  causal SDPA (with two blocks of query rows or more, blockwise between the two graphs:
+  :func:`pertoken.quant.kernels.causal_attention`); o_proj's per-token codes read straight
+  from the heads; o_proj's GEMM; the residual connection, the post-attention RMSNorm and the
+  gate/up codes in one loop; gate/up as one GEMM; SwiGLU's product and down_proj's codes in
+  one loop; down_proj's GEMM; its token scales and the residual connection in one loop.
+  Codes go to oneDNN as its unsigned bytes directly;
   asymmetric weights' zero-point terms are subtracted in the loop that reads each GEMM's
   output, from row sums the quantizer before it computed. With an attention mask, a cache
   with more keys than queries or another attention implementation, HF's attention runs
@@ -111,6 +113,8 @@ def _layer_forward(layer: nn.Module, hidden_states: torch.Tensor,
     if (attention_mask is None and attn.config._attn_implementation == "sdpa"
             and query.shape[2] == key.shape[2]):
         out = (query, key, value)  # causal SDPA inside the compiled kernel
+        if kernels.ATTENTION_BLOCK and query.shape[2] >= 2 * kernels.ATTENTION_BLOCK:
+            out = kernels.causal_attention(query, key, value, attn.scaling)
     else:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
