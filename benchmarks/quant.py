@@ -586,6 +586,12 @@ def summary(rows: list[dict], speed_rows: list[dict], corpora: list[str],
             out[f"{tag}_all_logits_vs_fp32"] = row["all_logits_vs_fp32"]
             out[f"{tag}_all_logits_vs_bf16"] = row["all_logits_vs_bf16"]
             out[f"{tag}_weight_vs_fp32"] = row["weight_vs_fp32"]
+    fp32 = next((row for row in speed_rows if row["name"] == "fp32"), None)
+    for label, name in (("ot_w8a8", "outliertune-w8a8-rtn_asym"),
+                        ("ot_w8a8_gptq_sym", "outliertune-w8a8-gptq_sym"),
+                        ("ot_head_w8a8_sym", "outliertune-head-w8a8-rtn_sym")):
+        if fp32 is not None and by.get(name, {}).get("file_mb"):  # the saved weights
+            out[f"{label}_saved_weight_vs_fp32"] = by[name]["file_mb"] / fp32["weight_mb"]
     return out
 
 
