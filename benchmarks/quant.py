@@ -435,15 +435,14 @@ def main() -> None:
             subjects.append((run.name, run, lambda folder=folder: load(folder)))
         # The timed W8A8 models once more on the compiled kernels (the timed prefill path):
         # these can round a value at a tie the other way, and the network amplifies a flip.
+        timed_w8a8 = ("outliertune-w8a8-rtn_asym", "outliertune-w8a8-gptq_sym")
         subjects += [(f"{name} (compiled kernels)", run, model_fn)
-                     for name, run, model_fn in list(subjects)
-                     if name in ("outliertune-w8a8-rtn_asym", "outliertune-w8a8-gptq_sym")]
+                     for name, run, model_fn in list(subjects) if name in timed_w8a8]
         rows = perplexity_rows(subjects, work, corpora, args.max_tokens)
         if args.confirm_tokens:
             # The 1% criterion on the timed W8A8 models once more, on more tokens: a single
             # rounding flip moves a 4096-token perplexity by a few tenths of a percent.
-            confirm = [s for s in subjects if s[0] == "fp32" or s[0].startswith(
-                ("outliertune-w8a8-rtn_asym", "outliertune-w8a8-gptq_sym"))]
+            confirm = [s for s in subjects if s[0] == "fp32" or s[0].startswith(timed_w8a8)]
             confirm_rows = perplexity_rows(confirm, work, corpora, args.confirm_tokens)
 
     speed_rows = []

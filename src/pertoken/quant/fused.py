@@ -112,7 +112,7 @@ def _layer_forward(layer: nn.Module, hidden_states: torch.Tensor,
         key, value = cache.update(key, value, attn.layer_idx, kwargs=attn_kwargs)
     if (attention_mask is None and attn.config._attn_implementation == "sdpa"
             and query.shape[2] == key.shape[2]):
-        if kernels.ATTENTION_BLOCK and query.shape[2] >= 2 * kernels.ATTENTION_BLOCK:
+        if kernels.attends_in_blocks(query.shape[2]):
             out = kernels.causal_attention(query, key, value, attn.scaling)  # between graphs
         else:
             out = (query, key, value)  # causal SDPA inside the compiled kernel

@@ -273,6 +273,12 @@ def _layer_rest(x, attn, o_proj, o_inv_scale, o_bias, o_lo: int, o_hi: int, weig
 ATTENTION_BLOCK = 64
 
 
+def attends_in_blocks(tokens: int) -> bool:
+    """Whether :func:`causal_attention` splits ``tokens`` queries into blocks (two blocks'
+    worth or more); else it is one causal SDPA call."""
+    return bool(ATTENTION_BLOCK) and tokens >= 2 * ATTENTION_BLOCK
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      scaling: float) -> torch.Tensor:
     """Causal SDPA of ``q`` (batch, heads, T, dim) over ``k``, ``v`` (batch, kv_heads, T, dim)
@@ -282,10 +288,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     square (4-9% of a W8A8 prefill). The blocking is hand-written; the attention is PyTorch's
     SDPA."""
     tokens, block = q.shape[2], ATTENTION_BLOCK
+    if not attends_in_blocks(tokens):
+        return _sdpa(q, k, v, scaling)
     gqa = q.shape[1] != k.shape[1]
-    if not block or tokens < 2 * block:
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
     outs = []
     for start in range(0, tokens, block):
         end = min(start + block, tokens)
