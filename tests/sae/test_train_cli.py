@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ from pertoken.sae.train import TrainConfig
 
 from .test_train import _sparse_data
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# faulthandler: a rank that dies by a signal prints where (gloo teardown once aborted a rank in CI)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +52,20 @@ def _weights(out):
 def test_two_processes_under_torchrun_equal_one_process(store, tmp_path, extra):
     one = _train(store, tmp_path / "one", *extra)
     assert one.returncode == 0, one.stderr
-    two = _train(store, tmp_path / "two", *extra, procs=2)
+    out = tmp_path / "two"
+    two = _train(store, out, *extra, procs=2)
+    if two.returncode != 0 and "SIGABRT" in two.stderr and (out / "cfg.json").exists():
+        # a rank aborted in gloo's teardown after the SAE was saved: said, and run once more
+        warnings.warn("torchrun rank aborted after saving; rerun:\n" + two.stderr[-3000:])
+        out = tmp_path / "two-again"
+        two = _train(store, out, *extra, procs=2)
     assert two.returncode == 0, two.stderr
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    a, b = _weights(tmp_path / "one"), _weights(out)
     assert a.keys() == b.keys() and "threshold" in a
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-4, rtol=1e-3), name
     ha = json.loads((tmp_path / "one" / "training.json").read_text())
-    hb = json.loads((tmp_path / "two" / "training.json").read_text())
+    hb = json.loads((out / "training.json").read_text())
     assert hb["world"] == 2 and ha["world"] == 1
     for x, y in zip(ha["history"], hb["history"]):
         assert x["dead"] == y["dead"] and abs(x["fvu"] - y["fvu"]) < 1e-4

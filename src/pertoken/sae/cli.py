@@ -173,10 +173,7 @@ def _train(args) -> int:
         finished = True
     finally:
         if distributed:
-            if finished:  # every rank done with its collectives before any pair closes
-                # (a peer's socket closing under gloo's threads aborted the other rank)
-                torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+            _close_process_group(finished)
     if int(os.environ.get("RANK", "0")) == 0:
         final = summary["final"]
         print(f"{args.arch} SAE (width {args.width}, k {args.k}, aux {args.aux}) after "
@@ -184,6 +181,29 @@ def _train(args) -> int:
               f"L0 {final.get('l0', float('nan')):.2f}, dead {final.get('dead', 0)}; "
               f"{summary['tokens_per_second']:,.0f} tokens/s; saved to {args.output}")
     return 0
+
+
+def _close_process_group(finished: bool) -> None:
+    """Close gloo one rank at a time, the last rank first.
+
+    After a barrier no collective is in flight; each rank then destroys its process group only once
+    every higher rank has destroyed theirs, which it learns from the rendezvous store rather than
+    from gloo. Ranks closing their pairs at the same moment aborted one of them, rarely, with
+    "terminate called without an active exception" (seen in CI, even after a barrier). A rank
+    whose training failed closes at once: its peers are stopped by the same error or by torchrun.
+    """
+    import torch.distributed as dist
+
+    if not finished:
+        dist.destroy_process_group()
+        return
+    store = dist.distributed_c10d._get_default_store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dist.barrier()
+    if rank + 1 < world:
+        store.wait([f"pertoken/closed/{rank + 1}"])
+    dist.destroy_process_group()
+    store.set(f"pertoken/closed/{rank}", "1")
 
 
 def _calibrate(args) -> int:
