@@ -242,6 +242,18 @@ def _bench(args) -> int:
     return 0
 
 
+def _add_pair_and_drafting(p, default_model: str) -> None:
+    """The options ``generate`` and ``bench`` share: the model pair and how DySpec drafts."""
+    p.add_argument("--model", default=default_model, help="the target model")
+    p.add_argument("--draft", help="the draft: a model folder with the same vocabulary, or an "
+                                   "EAGLE head folder trained for this target")
+    p.add_argument("--calibrate", action="store_true",
+                   help="DySpec values from an online acceptance calibration")
+    p.add_argument("--lookup", type=int, default=4, metavar="N",
+                   help="greedy dyspec: graft up to N prompt-lookup tokens into each tree "
+                        "(out of the budget; 0: off)")
+
+
 def add_commands(commands, parser_class, positive_int) -> None:
     """Add ``speculative generate`` to the top-level subparsers."""
     from pertoken.models import DEFAULT_MODEL
@@ -250,9 +262,7 @@ def add_commands(commands, parser_class, positive_int) -> None:
     group = commands.add_parser("speculative", help="lossless speculative decoding (DySpec)")
     verbs = group.add_subparsers(dest="verb", required=True, parser_class=parser_class)
     p = verbs.add_parser("generate", help="generate text, streaming it as it is accepted")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="the target model")
-    p.add_argument("--draft", help="the draft: a model folder with the same vocabulary, or an "
-                                   "EAGLE head folder trained for this target")
+    _add_pair_and_drafting(p, DEFAULT_MODEL)
     p.add_argument("--method", default="dyspec", choices=list(METHODS))
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
@@ -264,18 +274,11 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calibrate", action="store_true",
-                   help="DySpec values from an online acceptance calibration")
-    p.add_argument("--lookup", type=int, default=4, metavar="N",
-                   help="greedy dyspec: graft up to N prompt-lookup tokens into each tree "
-                        "(out of the budget; 0: off)")
     p.add_argument("--threads", type=positive_int, default=None)
     p.set_defaults(func=_generate)
 
     p = verbs.add_parser("bench", help="compare decoding methods on the same prompts")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="the target model")
-    p.add_argument("--draft", help="the draft: a model folder with the same vocabulary, or an "
-                                   "EAGLE head folder trained for this target")
+    _add_pair_and_drafting(p, DEFAULT_MODEL)
     p.add_argument("--methods", type=_numbers(str), default="ar,chain,tree,dyspec,hf-assisted",
                    help="comma-separated: ar, chain, tree, dyspec, dyspec-heap, hf-assisted, hf-ar")
     p.add_argument("--budgets", type=_numbers(_budget), default="4,8,16",
@@ -289,11 +292,6 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=positive_int, default=1)
-    p.add_argument("--calibrate", action="store_true",
-                   help="DySpec values from an online acceptance calibration")
-    p.add_argument("--lookup", type=int, default=4, metavar="N",
-                   help="greedy dyspec: graft up to N prompt-lookup tokens into each tree "
-                        "(out of the budget; 0: off)")
     p.add_argument("--assistant", help="the standalone draft model hf-assisted uses (default: "
                                        "--draft, unless that is an EAGLE head)")
     p.add_argument("--json", help="write the results here")

@@ -250,7 +250,7 @@ def _loop(target, target_cache, runner, capture, method, root, budget, temperatu
             tree = DraftTree.root(root)
         elif method == "dyspec" and greedy and calibration is None and threshold is None:
             runner.start(p)
-            chain = lookup_chain(context + out.tokens, min(lookup, budget - 1))
+            chain = lookup_chain(context, min(lookup, budget - 1))
             tree, drafted, origin = ranked_tree(root, runner, budget - len(chain),
                                                 eos_ids=tuple(eos))
             graft_chain(tree, drafted, origin, chain, tuple(eos))
@@ -302,6 +302,7 @@ def _loop(target, target_cache, runner, capture, method, root, budget, temperatu
             if t in eos or len(out.tokens) + len(emitted) >= max_new_tokens:
                 break
         out.tokens.extend(emitted)
+        context.extend(emitted)  # the prompt and the output so far: what prompt lookup reads
         if on_tokens is not None:
             on_tokens(emitted)
         if len(emitted) < len(new) or emitted[-1] in eos or len(out.tokens) >= max_new_tokens:
