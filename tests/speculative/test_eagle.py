@@ -16,6 +16,8 @@ from pertoken.speculative.generate import generate
 from pertoken.speculative.verify import verify_greedy
 from pertoken.speculative.tree import accepted_keep, compact_cache, tree_forward
 
+from .paths import node_path
+
 TEMPERATURE = 0.7
 
 
@@ -59,12 +61,8 @@ def _reference_probs(target, head, committed, path_tokens):
     return torch.zeros(target.config.vocab_size).index_copy_(0, head.vocab, sub)
 
 
-def _path(tree, node):
-    out = []
-    while node:
-        out.append(tree.tokens[node])
-        node = tree.parents[node]
-    return out[::-1]
+def _path(tree, node):  # its tokens
+    return [tree.tokens[i] for i in node_path(tree.parents, node)]
 
 
 @torch.inference_mode()

@@ -8,6 +8,8 @@ from pertoken.speculative import draft_tree, verify
 from pertoken.speculative.draft_tree import heap_tree, layered_heap_tree, threshold_tree
 from pertoken.speculative.verify import verify_greedy, verify_sampling
 
+from .paths import node_path
+
 V = 6
 
 
@@ -147,9 +149,9 @@ def test_layered_heap_tree_is_the_heap_tree():
             tree, drafted, origin = layered_heap_tree(0, counted, budget=budget,
                                                       deterministic=True, eos_ids=(5,),
                                                       width=budget, min_value=0.0)
-            paths = lambda t: sorted(tuple(t.tokens[j] for j in _path(t, i)) for i in range(len(t)))
+            paths = lambda t: sorted(tuple(t.tokens[j] for j in node_path(t.parents, i)) for i in range(len(t)))
             assert paths(tree) == paths(heap), (seed, budget)
-            depth = max(len(_path(drafted, i)) for i in range(len(drafted)))
+            depth = max(len(node_path(drafted.parents, i)) for i in range(len(drafted)))
             assert len(calls) <= depth
             for i, j in enumerate(origin):
                 assert tree.tokens[i] == drafted.tokens[j]
@@ -157,14 +159,6 @@ def test_layered_heap_tree_is_the_heap_tree():
                 assert [tree.tokens[c] for c in kids] == [
                     drafted.tokens[c] for c in drafted.children[origin[node]]][:len(kids)]
                 assert (node in tree.draft_probs) == bool(kids)
-
-
-def _path(tree, i):
-    out = []
-    while i > 0:
-        out.append(i)
-        i = tree.parents[i]
-    return out[::-1]
 
 
 def test_race_order_draws_without_replacement_with_the_right_first_law():

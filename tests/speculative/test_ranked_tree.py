@@ -8,6 +8,8 @@ import torch
 
 from pertoken.speculative.draft_tree import ranked_tree
 
+from .paths import node_path
+
 VOCAB = 6
 
 
@@ -53,11 +55,7 @@ def _reference(seed, budget, width, depth, eos=(), min_value=0.0):
 def _paths(tree):
     out = set()
     for i in range(1, len(tree)):
-        path, node = [], i
-        while node > 0:
-            path.append(tree.tokens[node])
-            node = tree.parents[node]
-        out.add(tuple(reversed(path)))
+        out.add(tuple(tree.tokens[j] for j in node_path(tree.parents, i)))
     return out
 
 

@@ -9,6 +9,8 @@ from pertoken.speculative.tree import (GQA_SDPA, accepted_keep, compact_cache, d
                                        tree_attention_mask, tree_forward, tree_position_ids,
                                        use_gqa_attention)
 
+from .paths import node_path
+
 
 def _model(attn):
     model, _ = tiny_llama(seed=1, num_hidden_layers=3, hidden_size=64, intermediate_size=96)
@@ -25,11 +27,8 @@ def _prefill(model, prefix):
     return cache
 
 
-def _path(parents, node):
-    path = [node]
-    while path[-1] != 0:
-        path.append(parents[path[-1]])
-    return path[::-1]
+def _path(parents, node):  # the root included
+    return [0] + node_path(parents, node)
 
 
 def _random_tree(rng, n):
