@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pertoken.sae.selection import (batch_topk_mask, feature_choice_mask, select, topk_mask,
-                                    uniform_capacities, zipf_capacities)
+from pertoken.sae.selection import (batch_topk_mask, feature_choice_mask, select, topk_entries,
+                                    topk_mask, uniform_capacities, zipf_capacities)
 
 
 def _first(pairs, n):
@@ -51,6 +51,15 @@ def test_topk_matches_the_reference_including_ties(k):
         mask = topk_mask(z, k)
         assert torch.equal(mask, _ref_topk(z, k))
         assert (mask.sum(1) == min(k, z.shape[1])).all()
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 12])
+def test_topk_entries_are_the_reference_masks_nonzero_in_row_major_order(k):
+    # random rows take the one-topk path, tied rows the mask; k = 12 is a whole row or more
+    for z in _batches():
+        rows, cols = topk_entries(z, k)
+        want = _ref_topk(z, k).nonzero(as_tuple=True)
+        assert torch.equal(rows, want[0]) and torch.equal(cols, want[1])
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])

@@ -22,8 +22,9 @@ def test_global_selections_on_one_process_equal_the_reference_masks_with_ties():
         z = torch.randint(-3, 4, (b, f), generator=g).float()  # many ties
         if trial % 4 == 0:
             z[trial % b] = 10.0 + torch.arange(f).float()  # one row needs more than 4k entries
-        mask, kth = global_batch_topk(z, k, k * b, Comm())
-        assert torch.equal(mask, batch_topk_mask(z, k))
+        (rows, cols), kth = global_batch_topk(z, k, k * b, Comm())
+        want = batch_topk_mask(z, k).nonzero(as_tuple=True)  # row-major order
+        assert torch.equal(rows, want[0]) and torch.equal(cols, want[1])
         assert kth == torch.sort(z.reshape(-1), descending=True).values[k * b - 1]
         caps = torch.randint(0, b + 1, (f,), generator=g)
         mask, kth = global_feature_choice(z, caps, Comm())

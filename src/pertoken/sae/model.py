@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pertoken.errors import UserError
@@ -95,7 +96,7 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("threshold", torch.full((cfg.width,), float("nan")))
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_pre) @ self.W_enc.t() + self.b_enc
+        return F.linear(x - self.b_pre, self.W_enc, self.b_enc)  # the bias added in the GEMM
 
     def codes(self, z: torch.Tensor, mode: str = "batch",
               capacities: torch.Tensor | None = None) -> torch.Tensor:

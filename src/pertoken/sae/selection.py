@@ -41,6 +41,19 @@ def topk_mask(z: torch.Tensor, k: int) -> torch.Tensor:
     return _fill_ties(z, kth, torch.tensor(k), dim=1)
 
 
+def topk_entries(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``topk_mask(z, k).nonzero(as_tuple=True)`` (rows and columns in row-major order) from
+    one ``topk`` call, without the dense mask, unless some row has a tie at its boundary."""
+    n, f = z.shape
+    k = min(k, f)
+    if 0 < k < f:
+        values, index = torch.topk(z.float(), k + 1, dim=1)
+        if not bool((values[:, k - 1] == values[:, k]).any()):  # each row's k are unambiguous
+            cols = index[:, :k].sort(dim=1).values.reshape(-1)
+            return torch.arange(n).repeat_interleave(k), cols
+    return topk_mask(z, k).nonzero(as_tuple=True)
+
+
 def batch_topk_mask(z: torch.Tensor, k: int) -> torch.Tensor:
     """Mutual Choice / BatchTopK: the ``k * B`` largest entries of the batch (``B = z.shape[0]``)."""
     z = z.float()
