@@ -191,23 +191,51 @@ def global_feature_choice(z: torch.Tensor, capacities: torch.Tensor, comm: Comm)
     """Feature Choice over the global batch: column ``j`` keeps its ``capacities[j]`` largest
     entries over all ranks' rows (ties to the lowest global row), as
     :func:`~pertoken.sae.selection.feature_choice_mask` on the concatenated batch.
-    Returns the local mask and each column's ``m_j``-th value (NaN where ``m_j = 0``)."""
+    Returns the local selection as ``(rows, cols)`` in row-major order (the mask's
+    ``nonzero``) and each column's ``m_j``-th value (NaN where ``m_j = 0``).
+
+    Each feature's candidates are its largest ``max m_j`` entries, from one ``topk`` over the
+    transposed (contiguous) ``z``, and one more; the selection is read from them unless some
+    feature's last candidate ties its ``m_j``-th value (then from the dense mask)."""
     n, f = z.shape
     caps = capacities.to(torch.long)
     top = int(caps.max()) if f else 0
+    nan = torch.full((f,), math.nan)
     if top == 0:
-        return torch.zeros_like(z, dtype=torch.bool), torch.full((f,), math.nan)
-    local = torch.topk(z, min(top, n), dim=0).values
-    if local.shape[0] < top:
-        local = torch.cat([local, local.new_full((top - local.shape[0], f), -math.inf)])
-    merged = torch.topk(torch.cat(comm.gather(local)), top, dim=0).values
-    kth = merged.gather(0, (caps - 1).clamp(min=0)[None])[0]
-    above = torch.count_nonzero(z > kth, dim=0)
-    equal = torch.count_nonzero(z == kth, dim=0)
-    room = caps - comm.sum(above.clone())
-    allowed = _allowed_ties(room, comm.gather(equal), comm.rank)
-    mask = _fill_ties(z, kth[None], (above + allowed)[None], dim=0) & (caps > 0)[None]
-    return mask, torch.where(caps > 0, kth, torch.full_like(kth, math.nan))
+        none = torch.zeros(0, dtype=torch.long)
+        return (none, none), nan
+    take = min(top + 1, n)  # one past the largest m_j: a tie at m_j shows in the list
+    cand, cand_rows = torch.topk(z.t().contiguous(), take, dim=1)  # (F, take), descending
+    local = cand[:, :top]
+    if local.shape[1] < top:
+        local = torch.cat([local, local.new_full((f, top - local.shape[1]), -math.inf)], dim=1)
+    merged = local if comm.world == 1 else torch.topk(torch.cat(comm.gather(local), dim=1), top,
+                                                      dim=1).values
+    kth = merged.gather(1, (caps - 1).clamp(min=0)[:, None])[:, 0]
+    live = caps > 0
+    stat = torch.where(live, kth, nan)
+    if not (take == n or bool((cand[:, -1] < kth)[live].all())):  # a tie may lie past the list
+        above = torch.count_nonzero(z > kth, dim=0)
+        equal = torch.count_nonzero(z == kth, dim=0)
+        room = caps - comm.sum(above.clone())
+        allowed = _allowed_ties(room, comm.gather(equal), comm.rank)
+        mask = _fill_ties(z, kth[None], (above + allowed)[None], dim=0) & live[None]
+        return mask.nonzero(as_tuple=True), stat
+    above = (cand > kth[:, None]) & live[:, None]
+    equal = (cand == kth[:, None]) & live[:, None]
+    room = caps - comm.sum(torch.count_nonzero(above, dim=1))
+    allowed = _allowed_ties(room, comm.gather(torch.count_nonzero(equal, dim=1)), comm.rank)
+    tie_col, tie_at = equal.nonzero(as_tuple=True)  # the lowest rows of each feature first
+    tie_row = cand_rows[tie_col, tie_at]
+    order = torch.argsort(tie_col * n + tie_row)
+    tie_col, tie_row = tie_col[order], tie_row[order]
+    counts = torch.bincount(tie_col, minlength=f)
+    within = torch.arange(len(tie_col)) - (torch.cumsum(counts, 0) - counts)[tie_col]
+    keep = within < allowed[tie_col]
+    col, at = above.nonzero(as_tuple=True)
+    chosen = torch.cat([cand_rows[col, at] * f + col, tie_row[keep] * f + tie_col[keep]])
+    chosen = chosen.sort().values
+    return (chosen // f, chosen % f), stat
 
 
 @torch.no_grad()
@@ -375,8 +403,7 @@ class Trainer:
             return entries, None
         if self.sae.cfg.capacities == "zipf" and self.step_index % self.cfg.capacity_every == 0:
             self._update_capacities(z)
-        mask, kth = global_feature_choice(z, self.capacities, self.comm)
-        return mask.nonzero(as_tuple=True), kth
+        return global_feature_choice(z, self.capacities, self.comm)
 
     def _update_capacities(self, z: torch.Tensor) -> None:
         """Zipf capacities ranked by each feature's TopK demand (how often it is among a
