@@ -149,7 +149,8 @@ def test_layered_heap_tree_is_the_heap_tree():
             tree, drafted, origin = layered_heap_tree(0, counted, budget=budget,
                                                       deterministic=True, eos_ids=(5,),
                                                       width=budget, min_value=0.0)
-            paths = lambda t: sorted(tuple(t.tokens[j] for j in node_path(t.parents, i)) for i in range(len(t)))
+            paths = lambda t: sorted(tuple(t.tokens[j] for j in node_path(t.parents, i))
+                                     for i in range(len(t)))
             assert paths(tree) == paths(heap), (seed, budget)
             depth = max(len(node_path(drafted.parents, i)) for i in range(len(drafted)))
             assert len(calls) <= depth

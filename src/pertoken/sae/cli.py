@@ -186,9 +186,9 @@ def _train(args) -> int:
 def _close_process_group(finished: bool) -> None:
     """Close gloo one rank at a time, the last rank first.
 
-    After a barrier no collective is in flight; each rank then destroys its process group only once
-    every higher rank has destroyed theirs, which it learns from the rendezvous store rather than
-    from gloo. Ranks closing their pairs at the same moment aborted one of them, rarely, with
+    After a barrier no collective is in flight; each rank then destroys its process group only
+    once every higher rank has destroyed theirs, which it learns from the rendezvous store rather
+    than from gloo. Ranks closing their pairs at the same moment aborted one of them, rarely, with
     "terminate called without an active exception" (seen in CI, even after a barrier). A rank
     whose training failed closes at once: its peers are stopped by the same error or by torchrun.
     """

@@ -161,8 +161,8 @@ def global_batch_topk(z: torch.Tensor, k: int, budget: int, comm: Comm):
     n, width = z.shape
     per_row = min(4 * k, width)
     rows_top, rows_index = torch.topk(z, per_row, dim=1)
-    values = rows_top.reshape(-1)
-    index = (rows_index + torch.arange(n).unsqueeze(1) * width).reshape(-1)  # row-major
+    rows_index += torch.arange(n).unsqueeze(1) * width  # row-major indices into z
+    values, index = rows_top.reshape(-1), rows_index.reshape(-1)
     local = min(budget, values.numel())
     if per_row < width and local:
         whole = rows_top[:, -1] >= torch.topk(values, local).values[-1]
@@ -171,16 +171,15 @@ def global_batch_topk(z: torch.Tensor, k: int, budget: int, comm: Comm):
             log.debug("Mutual Choice: %d of %d rows may take more than %d entries", len(rows),
                       n, per_row)
             values = torch.cat([rows_top[~whole].reshape(-1), z[rows].reshape(-1)])
-            index = torch.cat([rows_index[~whole].add(torch.arange(n)[~whole].unsqueeze(1)
-                                                      * width).reshape(-1),
+            index = torch.cat([rows_index[~whole].reshape(-1),
                                (rows.unsqueeze(1) * width + torch.arange(width)).reshape(-1)])
     cand = torch.topk(values, min(budget, values.numel())).values
     if cand.numel() < budget:
         cand = torch.cat([cand, cand.new_full((budget - cand.numel(),), -math.inf)])
     kth = torch.topk(torch.cat(comm.gather(cand)), budget).values[-1]
     above, equal = values > kth, values == kth
-    n_above = torch.count_nonzero(above).reshape(1)  # (a bool sum() converts to int64 first)
-    room = budget - comm.sum(n_above.clone())
+    # count_nonzero: a bool sum() converts to int64 first
+    room = budget - comm.sum(torch.count_nonzero(above).reshape(1))
     allowed = _allowed_ties(room, comm.gather(torch.count_nonzero(equal).reshape(1)), comm.rank)
     ties = index[equal].sort().values[:int(allowed)]
     chosen = torch.cat([index[above], ties]).sort().values
@@ -393,8 +392,8 @@ class Trainer:
 
     def _select(self, z: torch.Tensor):
         """The local selection as ``(rows, cols)`` in row-major order (a mask's ``nonzero``)
-        and, for Feature Choice, each feature's ``m_j``-th value its threshold learns from (Mutual Choice's statistic comes from the kept codes, in
-        :meth:`loss`)."""
+        and, for Feature Choice, each feature's ``m_j``-th value its threshold learns from
+        (Mutual Choice's statistic comes from the kept codes, in :meth:`loss`)."""
         arch, k = self.sae.cfg.arch, self.sae.cfg.k
         if arch == "topk":
             return topk_entries(z, k), None
