@@ -5,15 +5,18 @@ rare attention-sink tokens too (norm over 10x the batch median: about 1 in 5,000
 quarters of the variance otherwise), docs-en:
 ``--train-tokens`` (default 2M) from the train split and ``--heldout-tokens`` (200k) from the
 held-out split, cached once with ``pertoken sae cache``; the model runs in ``--dtype``
-(default bfloat16, 3x faster than float32 on this CPU; the store is float16 either way) for
-caching and for the CE loss.
+(default bfloat16; the store is float16 either way) for caching and for the CE loss. Which
+dtype is faster depends on the CPU: one 2-core VM cached 3x faster in bfloat16, another (with
+AMX) at 1.35k tokens/s in float32 against 0.7k in bfloat16.
 
 Runs (width 4608, batch 4608 tokens, each k of ``--ks``): TopK + aux_k, Mutual Choice + aux_k
 (= BatchTopK), Mutual Choice + aux_zipf, Feature Choice with uniform and with Zipf capacities,
 each trained by ``pertoken sae train`` in its own process; and SAELens's own TopK and BatchTopK
 trainers (``SAETrainer``) on the same activations, scaled the same way, with the same width, k,
 batch, tokens, learning rate and schedule (``--saelens-ks``, default 32). Every run uses
-``--threads`` torch threads (default 2) and runs alone.
+``--threads`` torch threads (default 2) and runs alone. ``--passes`` trains on the store
+several times, ``--lr`` sets one learning rate for every run; either puts its runs and its
+results in their own folders and files (``sae-x5-lr0.0015.json``).
 
 Evaluation on the held-out store: FVU, realised L0 (and its per-token distribution) and dead
 fraction, in batch mode (B = 4608) and threshold mode (token by token); CE loss recovered and KL
@@ -70,8 +73,13 @@ def cache(args, work: Path) -> tuple[Path, Path]:
     return stores["train"], stores["heldout"]
 
 
+def _lr_suffix(args) -> str:
+    return f"-lr{args.lr:g}" if args.lr else ""
+
+
 def _runs_dir(args) -> str:
-    return f"runs-{args.train_tokens}" + (f"x{args.passes}" if args.passes > 1 else "")
+    return (f"runs-{args.train_tokens}" + (f"x{args.passes}" if args.passes > 1 else "")
+            + _lr_suffix(args))
 
 
 def train_ours(args, acts: Path, folder: Path, extra: list[str], k: int) -> None:
@@ -81,7 +89,7 @@ def train_ours(args, acts: Path, folder: Path, extra: list[str], k: int) -> None
            "--width", str(args.width), "--k", str(k),
            "--tokens", str(args.train_tokens * args.passes),
            "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-           "-o", str(folder), *extra]
+           "--lr", str(args.lr), "-o", str(folder), *extra]
     if (folder / ".train" / "checkpoint.pt").is_file():
         cmd.append("--resume")
     _run(cmd, args.threads)
@@ -94,7 +102,7 @@ def train_saelens(args, acts: Path, folder: Path, arch: str, k: int) -> None:
     _run([sys.executable, __file__, "--saelens-run", arch, "--k", str(k), "--acts", str(acts),
           "--width", str(args.width), "--batch-size", str(args.batch_size),
           "--train-tokens", str(args.train_tokens), "--passes", str(args.passes),
-          "--threads", str(args.threads),
+          "--threads", str(args.threads), "--lr", str(args.lr),
           "--out", str(folder)], args.threads)
 
 
@@ -116,7 +124,8 @@ def saelens_run(args) -> None:
 
     torch.set_num_threads(args.threads)
     store = ActivationStore(args.acts)
-    ours = TrainConfig(tokens=args.train_tokens * args.passes, batch_size=args.batch_size)
+    ours = TrainConfig(tokens=args.train_tokens * args.passes, batch_size=args.batch_size,
+                       lr=args.lr)
     steps = ours.steps
     batch = args.batch_size
 
@@ -226,6 +235,10 @@ def main() -> None:
     parser.add_argument("--ce-k", type=int, default=32, help="k of the runs scored for CE loss")
     parser.add_argument("--ce-sequences", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=0.0,
+                        help="Adam learning rate of every run, ours and SAELens's (0: the "
+                             "spec's 2e-4 / sqrt(width / 2^14), 3.8e-4 at width 4608); runs and "
+                             "results of another rate go to their own folders and files")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                         help="the model's dtype for caching activations and for CE loss")
     parser.add_argument("--results-dir", default="docs/results")
@@ -264,6 +277,8 @@ def main() -> None:
 
 
 def report(args, runs, acts: Path, heldout: Path) -> None:
+    from pertoken.sae.train import TrainConfig
+
     rows, densities = [], {}
     for name, k, folder in runs:
         training = json.loads((folder / "training.json").read_text())
@@ -287,7 +302,7 @@ def report(args, runs, acts: Path, heldout: Path) -> None:
     plots = _plots(rows, densities)
     result = {"method": "sae", "title": "Adaptive-sparsity SAEs against TopK and SAELens",
               "model": args.model, "layer": LAYER, "train_tokens": args.train_tokens,
-              "passes": args.passes,
+              "passes": args.passes, "lr": args.lr or TrainConfig().effective_lr(args.width),
               "heldout_tokens": args.heldout_tokens, "width": args.width,
               "batch_size": args.batch_size,
               "threads": sorted({r["threads"] for r in rows if r["threads"]}),
@@ -297,6 +312,7 @@ def report(args, runs, acts: Path, heldout: Path) -> None:
     columns = ["run", "k", "mode", "fvu", "l0", "dead_fraction", "ce_loss_recovered",
                "kl_score", "tokens_per_second", "threads", "train_seconds", "peak_rss_mb"]
     passes = f" ({args.passes} passes)" if args.passes > 1 else ""
+    passes += f", Adam lr {args.lr:g} for every run" if args.lr else ""
     markdown = (f"# Sparse autoencoders: {args.model}, layer {LAYER}\n\n"
                 f"{args.train_tokens:,} training tokens of docs-en{passes}, "
                 f"{args.heldout_tokens:,} held-out; width {args.width}, batch {args.batch_size}; "
@@ -306,7 +322,8 @@ def report(args, runs, acts: Path, heldout: Path) -> None:
                    f"{zipf}" if zipf else "")
                 + "\n\n## All runs\n\n" + markdown_table(rows, columns))
     path = write_results(Path(args.results_dir),
-                         "sae" + (f"-x{args.passes}" if args.passes > 1 else ""), result, markdown)
+                         "sae" + (f"-x{args.passes}" if args.passes > 1 else "") + _lr_suffix(args),
+                         result, markdown)
     print(markdown)
     print(f"wrote {path}")
 

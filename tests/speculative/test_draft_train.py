@@ -163,3 +163,40 @@ def test_init_continues_from_an_existing_draft(teacher, tmp_path):
         assert torch.allclose(x, y, atol=1e-6), name
     with pytest.raises(UserError, match="not a draft folder"):
         train_draft(target, tok, DOCS, tmp_path / "c", _cfg(init=str(tmp_path)), progress=False)
+
+
+@pytest.mark.parametrize("kind", ["model", "eagle"])
+def test_cli_trains_a_draft_of_either_kind_end_to_end(tmp_path, kind):
+    """`pertoken speculative train-draft` on a tiny target folder and a packaged corpus writes a
+    draft that loads beside the target, with its training and its measured cost recorded."""
+    import json
+
+    from pertoken.cli import main
+
+    target, tokenizer = tiny_llama(seed=5)
+    target.save_pretrained(tmp_path / "target")
+    tokenizer.save_pretrained(tmp_path / "target")
+    out = tmp_path / "draft"
+    argv = ["speculative", "train-draft", "--target", str(tmp_path / "target"), "--kind", kind,
+            "--corpus", "wiki-en", "--seq-len", "32", "--batch-size", "2",
+            "--train-tokens", "256", "--teacher-dtype", "float32", "--device", "cpu",
+            "-o", str(out)]
+    if kind == "eagle":
+        argv += ["--data-tokens", "512", "--vocab", "64"]
+    else:
+        argv += ["--hidden-size", "16", "--layers", "1", "--heads", "2", "--kv-heads", "1",
+                 "--intermediate-size", "32"]
+    assert main(argv) == 0
+    info = json.loads((out / f"pertoken-{'eagle' if kind == 'eagle' else 'draft'}.json")
+                      .read_text())
+    assert info["cost"]["dtype"] == "float32" and info["cost"]["ratio"] > 0
+    if kind == "eagle":
+        from pertoken.speculative.eagle import load_eagle
+
+        head = load_eagle(out, target.float())
+        assert len(head.vocab) == 64
+        assert info["cost"]["draft_parameters"] == sum(p.numel() for p in head.parameters())
+    else:
+        draft = load_model(str(out))[0]
+        assert draft.config.hidden_size == 16
+        assert info["cost"]["draft_parameters"] == sum(p.numel() for p in draft.parameters())

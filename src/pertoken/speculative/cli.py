@@ -120,17 +120,19 @@ def _train_draft(args) -> int:
         cfg = EagleTrainConfig(vocab=args.vocab, seq_len=args.seq_len,
                                batch_size=_default(args.batch_size, 16),
                                data_tokens=_default(args.data_tokens, 400_000),
-                               train_tokens=_default(args.train_tokens, 2_400_000), lr=_default(args.lr, 1e-3),
-                               top_k=_default(args.top_k, 16), checkpoint_every=args.checkpoint_every,
-                               seed=args.seed, self_chat=args.self_chat)
+                               train_tokens=_default(args.train_tokens, 2_400_000),
+                               lr=_default(args.lr, 1e-3), top_k=_default(args.top_k, 16),
+                               checkpoint_every=args.checkpoint_every, seed=args.seed,
+                               self_chat=args.self_chat)
     else:
         cfg = DraftTrainConfig(hidden_size=args.hidden_size, num_hidden_layers=args.layers,
                                num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                                intermediate_size=args.intermediate_size, seq_len=args.seq_len,
                                batch_size=_default(args.batch_size, 8),
-                               train_tokens=_default(args.train_tokens, 3_000_000), lr=_default(args.lr, 3e-3),
-                               top_k=_default(args.top_k, 64), checkpoint_every=args.checkpoint_every,
-                               seed=args.seed, self_chat=args.self_chat, init=args.init or "")
+                               train_tokens=_default(args.train_tokens, 3_000_000),
+                               lr=_default(args.lr, 3e-3), top_k=_default(args.top_k, 64),
+                               checkpoint_every=args.checkpoint_every, seed=args.seed,
+                               self_chat=args.self_chat, init=args.init or "")
     cfg.validate()
     check_output(args.output, args.resume)
     resolve(args.target)
@@ -152,15 +154,18 @@ def _train_draft(args) -> int:
 
         info = train_eagle(target, tokenizer, documents, args.output, cfg,
                            resume=args.resume, target_name=args.target)
-        target = target.float().cpu()
+    else:
+        info = train_draft(target, tokenizer, documents, args.output, cfg,
+                           resume=args.resume, target_name=args.target)
+    # the cost ratio below is measured on the CPU in float32 (an EAGLE head reads the target's
+    # embeddings and LM head, so it loads onto the converted target)
+    target = target.float().cpu()
+    if args.kind == "eagle":
         draft = load_eagle(args.output, target)
         t_draft = head_decode_seconds(draft)
         info_name = "pertoken-eagle.json"
     else:
-        info = train_draft(target, tokenizer, documents, args.output, cfg,
-                           resume=args.resume, target_name=args.target)
         draft = load_model(args.output)[0]
-        target = target.float().cpu()
         t_draft = decode_seconds(draft)
         info_name = "pertoken-draft.json"
     # the cost ratio, measured on the CPU in float32 with the draft just written
