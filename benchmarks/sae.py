@@ -242,6 +242,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                         help="the model's dtype for caching activations and for CE loss")
     parser.add_argument("--results-dir", default="docs/results")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows (and density histograms) of the results file's "
+                             "runs that this invocation does not run, e.g. add --ks 16,64 to "
+                             "an earlier k = 32 report")
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--stage", choices=["cache", "train", "all"], default="all")
     # internal: one SAELens run in this process
@@ -276,10 +280,19 @@ def main() -> None:
     report(args, runs, acts, heldout)
 
 
+def _results_name(args) -> str:
+    return "sae" + (f"-x{args.passes}" if args.passes > 1 else "") + _lr_suffix(args)
+
+
 def report(args, runs, acts: Path, heldout: Path) -> None:
     from pertoken.sae.train import TrainConfig
 
-    rows, densities = [], {}
+    previous = Path(args.results_dir) / f"{_results_name(args)}.json"
+    old = json.loads(previous.read_text()) if args.merge and previous.is_file() else {}
+    ran = {(name, k) for name, k, _ in runs}
+    rows = [r for r in old.get("results", []) if (r["run"], r["k"]) not in ran]
+    kept = len(rows)
+    densities = {}
     for name, k, folder in runs:
         training = json.loads((folder / "training.json").read_text())
         result = evaluate_run(args, folder, heldout, with_ce=k == args.ce_k)
@@ -297,9 +310,14 @@ def report(args, runs, acts: Path, heldout: Path) -> None:
         if k == args.ce_k:
             main_mode = "threshold" if "threshold" in result["modes"] else "batch"
             densities[name] = result["modes"][main_mode].get("feature_density")
+    rows.sort(key=lambda r: (r["k"] != args.ce_k, r["k"]))  # stable: run order within each k
     acceptance = _acceptance(rows, args.ce_k)
-    zipf = _zipf_quality(densities.get("topk+auxk"))
-    plots = _plots(rows, densities)
+    zipf = (_zipf_quality(densities.get("topk+auxk"))
+            or (old.get("zipf_fit_topk_k32") if ("topk+auxk", args.ce_k) not in ran else None))
+    old_hist = next((plot["series"] for plot in old.get("plots", []) if plot.get("kind") == "bar"),
+                    {})
+    plots = _plots(rows, densities, {name: counts for name, counts in old_hist.items()
+                                     if (name, args.ce_k) not in ran})
     result = {"method": "sae", "title": "Adaptive-sparsity SAEs against TopK and SAELens",
               "model": args.model, "layer": LAYER, "train_tokens": args.train_tokens,
               "passes": args.passes, "lr": args.lr or TrainConfig().effective_lr(args.width),
@@ -309,6 +327,8 @@ def report(args, runs, acts: Path, heldout: Path) -> None:
               "environment": environment(), "acceptance": acceptance,
               "zipf_fit_topk_k32": zipf, "results": rows,
               "plots": plots}
+    if kept:
+        result["merged"] = {"rows_kept": kept, "their_environment": old.get("environment")}
     columns = ["run", "k", "mode", "fvu", "l0", "dead_fraction", "ce_loss_recovered",
                "kl_score", "tokens_per_second", "threads", "train_seconds", "peak_rss_mb"]
     passes = f" ({args.passes} passes)" if args.passes > 1 else ""
@@ -321,9 +341,7 @@ def report(args, runs, acts: Path, heldout: Path) -> None:
                 + (f"\n\nZipf fit of the TopK SAE's held-out feature densities (spec test 4): "
                    f"{zipf}" if zipf else "")
                 + "\n\n## All runs\n\n" + markdown_table(rows, columns))
-    path = write_results(Path(args.results_dir),
-                         "sae" + (f"-x{args.passes}" if args.passes > 1 else "") + _lr_suffix(args),
-                         result, markdown)
+    path = write_results(Path(args.results_dir), _results_name(args), result, markdown)
     print(markdown)
     print(f"wrote {path}")
 
@@ -377,7 +395,9 @@ def _zipf_quality(densities) -> dict | None:
             "zero_density_features": int((p == 0).sum())}
 
 
-def _plots(rows, densities) -> list[dict]:
+def _plots(rows, densities, histograms=None) -> list[dict]:
+    """FVU against L0 in each mode, and the histograms of ``densities`` (one list per run) beside
+    ``histograms`` already binned (kept from an earlier report)."""
     plots = []
     for mode in ("batch", "threshold"):
         series = {}
@@ -390,7 +410,7 @@ def _plots(rows, densities) -> list[dict]:
         plots.append({"title": f"FVU against realised L0 ({mode} mode)", "series": series,
                       "xlabel": "realised L0", "ylabel": "held-out FVU", "logy": True})
     bins = [-8 + 0.5 * i for i in range(17)]
-    hist = {}
+    hist = dict(histograms or {})
     for name, dens in densities.items():
         if not dens:
             continue
