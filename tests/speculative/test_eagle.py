@@ -268,3 +268,56 @@ def test_cli_train_eagle_bad_input_is_one_line(tmp_path, bad, needle):
                            str(tmp_path / "x"), *bad], capture_output=True, text=True)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], done.stderr
+
+
+def test_teacher_pass_matches_the_target_and_resumes_after_an_interruption(tmp_path):
+    import json
+
+    from pertoken.speculative.eagle_train import teacher_pass
+
+    target, _ = tiny_llama(seed=5, num_hidden_layers=2, hidden_size=32, intermediate_size=64)
+    seqs = torch.randint(0, target.config.vocab_size, (10, 9),
+                         generator=torch.Generator().manual_seed(0))
+    full = teacher_pass(target, seqs, 4, tmp_path / "full", batch_size=3, progress=False)
+    with torch.inference_mode():  # reference: one forward over everything
+        out = target(input_ids=seqs, output_hidden_states=True)
+    assert torch.allclose(full["features"].float(), out.hidden_states[-1], atol=2e-3)
+    values, ids = torch.topk(out.logits, 4, dim=-1)
+    assert torch.equal(full["top_ids"].long(), ids)
+    assert torch.allclose(full["top_values"].float(), values, atol=2e-3)
+
+    calls = []
+
+    def fail_third(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("interrupted")
+
+    handle = target.register_forward_pre_hook(fail_third)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        teacher_pass(target, seqs, 4, tmp_path / "cut", batch_size=3, progress=False,
+                     flush_seconds=0)
+    assert json.loads((tmp_path / "cut" / "progress.json").read_text()) == {"sequences": 6}
+    calls.clear()
+    cut = teacher_pass(target, seqs, 4, tmp_path / "cut", batch_size=3, progress=False)
+    handle.remove()
+    assert len(calls) == 2  # sequences 6-8 and 9 only
+    for name in full:
+        assert torch.equal(full[name], cut[name]), name
+
+
+def test_an_interrupted_data_stage_needs_resume_with_the_same_settings(tmp_path):
+    from pertoken.speculative.draft_train import check_output, start_output
+
+    out = tmp_path / "run"
+    check_output(out, False, _eagle_cfg())
+    with pytest.raises(UserError, match="nothing to resume"):
+        check_output(out, True, _eagle_cfg())
+    state = start_output(out, _eagle_cfg())
+    check_output(out, False, _eagle_cfg())  # only the settings: nothing done yet
+    (state / "self-chat.jsonl").write_text('{"text": "hi"}\n')
+    with pytest.raises(UserError, match="--resume"):
+        check_output(out, False, _eagle_cfg())
+    check_output(out, True, _eagle_cfg())
+    with pytest.raises(UserError, match="other settings"):
+        check_output(out, True, _eagle_cfg(top_k=8))

@@ -134,7 +134,7 @@ def _train_draft(args) -> int:
                                checkpoint_every=args.checkpoint_every, seed=args.seed,
                                self_chat=args.self_chat, init=args.init or "")
     cfg.validate()
-    check_output(args.output, args.resume)
+    check_output(args.output, args.resume, cfg)
     resolve(args.target)
     device = resolve_device(args.device)
     if args.init and not Path(args.init, "config.json").is_file():

@@ -292,14 +292,31 @@ def _save_draft(draft, tokenizer, out: Path, info: dict) -> None:
     write_json_atomic(out / "pertoken-draft.json", info)
 
 
-def check_output(out: str | Path, resume: bool) -> None:
-    """Refuse to start over an unfinished run, or to resume nothing (before any work)."""
-    checkpoint = Path(out) / ".train" / "checkpoint.pt"
-    if checkpoint.exists() and not resume:
+def check_output(out: str | Path, resume: bool, cfg=None) -> None:
+    """Refuse to start over an unfinished run, to resume nothing, or to resume a run made with
+    other settings than the dataclass ``cfg`` (before any work). A run is unfinished from its
+    first saved work on (sampled chats, the teacher pass, a checkpoint), not only from its first
+    checkpoint: every stage resumes."""
+    state = Path(out) / ".train"
+    started = state.is_dir() and any(p.name != "config.json" for p in state.iterdir())
+    if started and not resume:
         raise UserError(f"{out} holds an unfinished training run: pass --resume to continue it, "
                         "or choose another folder")
-    if resume and not checkpoint.exists():
+    if resume and not started:
         raise UserError(f"nothing to resume in {out}")
+    record = state / "config.json"
+    if resume and cfg is not None and record.is_file():
+        if json.loads(record.read_text()) != json.loads(json.dumps(asdict(cfg))):
+            raise UserError(f"{out} was trained with other settings; resume with the same flags")
+
+
+def start_output(out: Path, cfg) -> Path:
+    """Create ``out/.train`` and record ``cfg`` there (what :func:`check_output` compares a
+    resumed run's settings with); return the folder."""
+    state = out / ".train"
+    state.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(state / "config.json", asdict(cfg))
+    return state
 
 
 def load_init(path: str, target, cfg: DraftTrainConfig):
@@ -334,10 +351,9 @@ def train_draft(target, tokenizer, documents, out: str | Path, cfg: DraftTrainCo
 
     cfg.validate()
     out = Path(out)
-    check_output(out, resume)
-    state_dir = out / ".train"
+    check_output(out, resume, cfg)
+    state_dir = start_output(out, cfg)
     checkpoint = state_dir / "checkpoint.pt"
-    state_dir.mkdir(parents=True, exist_ok=True)
 
     tokens = training_tokens(target, tokenizer, documents, cfg, cfg.train_tokens,
                              state_dir / "tokens.npy", progress)
@@ -358,7 +374,7 @@ def train_draft(target, tokenizer, documents, out: str | Path, cfg: DraftTrainCo
                                   betas=(0.9, 0.95))
     step = 0
     history: list[dict] = []
-    if resume:
+    if resume and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False, map_location="cpu")
         if state["config"] != asdict(cfg):
             raise UserError(f"{out} was trained with other settings; resume with the same flags")

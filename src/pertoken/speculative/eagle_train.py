@@ -1,9 +1,9 @@
 """Train an EAGLE head for a target (``pertoken speculative train-draft --kind eagle``).
 
 The target runs once over the training tokens (bfloat16 by default) and its features (the
-output of its final norm) and top-``k`` logits are cached on disk; the head then trains for as
-many epochs over that cache as ``train_tokens`` asks, so the expensive teacher pass is paid
-once. Loss, per position: cross-entropy against the teacher's distribution renormalised over
+output of its final norm) and top-``k`` logits are cached on disk (memory-mapped ``.npy``
+files, resumable); the head then trains for as many epochs over that cache as
+``train_tokens`` asks, so the expensive teacher pass is paid once. Loss, per position: cross-entropy against the teacher's distribution renormalised over
 its top ``k`` tokens that lie in the head's vocabulary, plus ``feature_weight`` times a
 smooth-L1 regression of the predicted feature on the target's (EAGLE's two losses). The input
 features carry uniform noise, and the head is also trained one step unrolled on its own
@@ -15,6 +15,7 @@ predicted features, the way deeper tree nodes use it (as HASS does). Measured on
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -25,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pertoken.atomic import atomic_path
+from pertoken.atomic import atomic_path, write_json_atomic
 from pertoken.errors import UserError
-from pertoken.speculative.draft_train import check_output, training_tokens, validate_common
+from pertoken.speculative.draft_train import (check_output, start_output, training_tokens,
+                                              validate_common)
 from pertoken.speculative.eagle import EagleHead, FeatureCapture, vocab_by_frequency
 
 log = logging.getLogger(__name__)
@@ -67,31 +69,66 @@ def _lr(step: int, cfg: EagleTrainConfig) -> float:
     return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
 
 
+_TEACHER_FIELDS = {"features": np.float16, "top_values": np.float16, "top_ids": np.int32}
+
+
 @torch.inference_mode()
-def teacher_pass(target, sequences: torch.Tensor, top_k: int, batch_size: int = 8,
-                 progress: bool = True) -> dict:
+def teacher_pass(target, sequences: torch.Tensor, top_k: int, folder: str | Path,
+                 batch_size: int = 8, progress: bool = True,
+                 flush_seconds: float = 60.0) -> dict:
     """The target's features (float16) and top-``top_k`` logits on every sequence, run on the
-    target's device and kept in CPU memory."""
+    target's device and written to ``.npy`` files in ``folder`` (memory-mapped: 5M tokens of
+    SmolLM2 features are 6 GB). ``progress.json`` there records how many sequences are done;
+    it is written after the arrays are flushed, at most every ``flush_seconds``, so an
+    interrupted pass resumes from its last record (an hour of work on CPU). Returns the arrays
+    as CPU tensors (copy-on-write maps of the files)."""
+    from numpy.lib.format import open_memmap
     from tqdm.auto import tqdm
 
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     n, length = sequences.shape
-    hidden = target.config.hidden_size
-    out = {"features": torch.empty(n, length, hidden, dtype=torch.float16),
-           "top_values": torch.empty(n, length, top_k, dtype=torch.float16),
-           "top_ids": torch.empty(n, length, top_k, dtype=torch.int32)}
-    capture = FeatureCapture(target)
-    try:
-        for start in tqdm(range(0, n, batch_size), desc="teacher pass", disable=not progress,
-                          unit="batch"):
-            stop = min(n, start + batch_size)
-            logits = target(input_ids=sequences[start:stop].to(target.device)).logits
-            values, ids = torch.topk(logits.float(), top_k, dim=-1)
-            out["features"][start:stop] = capture.value.half()
-            out["top_values"][start:stop] = values.half()
-            out["top_ids"][start:stop] = ids.int()
-    finally:
-        capture.close()
-    return out
+    shapes = {"features": (n, length, target.config.hidden_size),
+              "top_values": (n, length, top_k), "top_ids": (n, length, top_k)}
+    record = folder / "progress.json"
+    done = json.loads(record.read_text())["sequences"] if record.exists() else 0
+    arrays = {}
+    for name, dtype in _TEACHER_FIELDS.items():
+        path = folder / f"{name}.npy"
+        if done and path.exists():
+            arrays[name] = open_memmap(path, mode="r+")
+            if arrays[name].shape != shapes[name] or arrays[name].dtype != dtype:
+                raise UserError(f"{path} does not match the training data; start over without "
+                                "--resume")
+        else:
+            arrays[name] = open_memmap(path, mode="w+", dtype=dtype, shape=shapes[name])
+    if done < n:
+        if done:
+            log.info("teacher pass: resuming after %d of %d sequences", done, n)
+        capture = FeatureCapture(target)
+        last = time.monotonic()
+        try:
+            bar = tqdm(total=n, initial=done, desc="teacher pass", disable=not progress,
+                       unit="seq")
+            for start in range(done, n, batch_size):
+                stop = min(n, start + batch_size)
+                logits = target(input_ids=sequences[start:stop].to(target.device)).logits
+                values, ids = torch.topk(logits.float(), top_k, dim=-1)
+                arrays["features"][start:stop] = capture.value.half().cpu().numpy()
+                arrays["top_values"][start:stop] = values.half().cpu().numpy()
+                arrays["top_ids"][start:stop] = ids.int().cpu().numpy()
+                bar.update(stop - start)
+                if stop == n or time.monotonic() - last > flush_seconds:
+                    for array in arrays.values():
+                        array.flush()
+                    write_json_atomic(record, {"sequences": stop})
+                    last = time.monotonic()
+            bar.close()
+        finally:
+            capture.close()
+    del arrays  # close the writable maps; training reads copy-on-write ones
+    return {name: torch.from_numpy(np.load(folder / f"{name}.npy", mmap_mode="c"))
+            for name in _TEACHER_FIELDS}
 
 
 def eagle_losses(head: EagleHead, tokens: torch.Tensor, features: torch.Tensor,
@@ -134,35 +171,27 @@ def train_eagle(target, tokenizer, documents, out: str | Path, cfg: EagleTrainCo
     ``target`` may be in bfloat16 for the teacher pass; it is converted to float32 in place
     afterwards (the head trains against its embedding and LM head in float32). Everything
     runs on the target's device (CPU or CUDA); the cached teacher outputs stay in CPU memory
-    and go to the device a batch at a time. A checkpoint
-    (and a usable head folder) is written every ``cfg.checkpoint_every`` steps; ``resume``
-    continues from it to the same weights."""
+    and go to the device a batch at a time. Every stage resumes: the self-chats after each
+    batch, the teacher pass from its last flush, training from its checkpoint (and usable head
+    folder) written every ``cfg.checkpoint_every`` steps, to the same weights."""
     from tqdm.auto import tqdm
 
     cfg.validate()
     out = Path(out)
-    check_output(out, resume)
-    state_dir = out / ".train"
-    state_dir.mkdir(parents=True, exist_ok=True)
+    check_output(out, resume, cfg)
+    state_dir = start_output(out, cfg)
     checkpoint = state_dir / "checkpoint.pt"
-    teacher_path = state_dir / "teacher.pt"
-    if teacher_path.exists():
-        data = torch.load(teacher_path, weights_only=True)
-    else:
-        tokens = training_tokens(target, tokenizer, documents, cfg, cfg.data_tokens,
-                                 state_dir / "tokens.npy", progress)
-        length = cfg.seq_len + 1
-        n_seq = tokens.size // length
-        if n_seq < cfg.batch_size:
-            raise UserError(f"the corpus gives {n_seq} sequences of {length} tokens, fewer "
-                            f"than one batch of {cfg.batch_size}")
-        sequences = torch.from_numpy(tokens[: n_seq * length].astype(np.int64)).view(n_seq, length)
-        data = {"sequences": sequences,
-                **teacher_pass(target, sequences, cfg.top_k, progress=progress,
-                               batch_size=64 if target.device.type == "cuda" else 8)}
-        with atomic_path(teacher_path) as tmp:
-            torch.save(data, tmp)
-    sequences = data["sequences"]
+    tokens = training_tokens(target, tokenizer, documents, cfg, cfg.data_tokens,
+                             state_dir / "tokens.npy", progress)
+    length = cfg.seq_len + 1
+    n_seq = tokens.size // length
+    if n_seq < cfg.batch_size:
+        raise UserError(f"the corpus gives {n_seq} sequences of {length} tokens, fewer "
+                        f"than one batch of {cfg.batch_size}")
+    sequences = torch.from_numpy(tokens[: n_seq * length].astype(np.int64)).view(n_seq, length)
+    data = {"sequences": sequences,
+            **teacher_pass(target, sequences, cfg.top_k, state_dir / "teacher", progress=progress,
+                           batch_size=64 if target.device.type == "cuda" else 8)}
     n_seq = sequences.shape[0]
     eos = [t for t in {tokenizer.eos_token_id, target.config.eos_token_id}
            if isinstance(t, int) and t >= 0]
