@@ -5,7 +5,7 @@ rare attention-sink tokens too (norm over 10x the batch median: about 1 in 5,000
 quarters of the variance otherwise), docs-en:
 ``--train-tokens`` (default 2M) from the train split and ``--heldout-tokens`` (200k) from the
 held-out split, cached once with ``pertoken sae cache``; the model runs in ``--dtype``
-(default bfloat16; the store is float16 either way) for caching and for the CE loss. Which
+(default float32; the store is float16 either way) for caching and for the CE loss. Which
 dtype is faster depends on the CPU: one 2-core VM cached 3x faster in bfloat16, another (with
 AMX) at 1.35k tokens/s in float32 against 0.7k in bfloat16.
 
@@ -13,10 +13,12 @@ Runs (width 4608, batch 4608 tokens, each k of ``--ks``): TopK + aux_k, Mutual C
 (= BatchTopK), Mutual Choice + aux_zipf, Feature Choice with uniform and with Zipf capacities,
 each trained by ``pertoken sae train`` in its own process; and SAELens's own TopK and BatchTopK
 trainers (``SAETrainer``) on the same activations, scaled the same way, with the same width, k,
-batch, tokens, learning rate and schedule (``--saelens-ks``, default 32). Every run uses
-``--threads`` torch threads (default 2) and runs alone. ``--passes`` trains on the store
-several times, ``--lr`` sets one learning rate for every run; either puts its runs and its
-results in their own folders and files (``sae-x5-lr0.0015.json``).
+batch, tokens, learning rate and schedule (``--saelens-ks``, default 16, 32 and 64). Every run
+uses ``--threads`` torch threads (default 2) and runs alone. Every run uses Adam at ``--lr``,
+default 1.5e-3: 4x the spec's 2e-4 / sqrt(width / 2^14) = 3.8e-4 (``--lr 0``, the CLI's
+default), a rate at which every SAE reached a lower FVU. ``--passes`` trains on the store several
+times; another pass count or rate puts its runs and results in their own folders and files
+(``sae-x5.json`` for five passes, ``sae-speclr.json`` at the spec's rate).
 
 Evaluation on the held-out store: FVU, realised L0 (and its per-token distribution) and dead
 fraction, in batch mode (B = 4608) and threshold mode (token by token); CE loss recovered and KL
@@ -71,6 +73,9 @@ def cache(args, work: Path) -> tuple[Path, Path]:
             _run(cmd, args.threads)
         stores[split] = out
     return stores["train"], stores["heldout"]
+
+
+DEFAULT_LR = 1.5e-3
 
 
 def _lr_suffix(args) -> str:
@@ -231,15 +236,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4608)
     parser.add_argument("--ks", default="16,32,64")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--saelens-ks", default="32")
+    parser.add_argument("--saelens-ks", default="16,32,64")
     parser.add_argument("--ce-k", type=int, default=32, help="k of the runs scored for CE loss")
     parser.add_argument("--ce-sequences", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=0.0,
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR,
                         help="Adam learning rate of every run, ours and SAELens's (0: the "
                              "spec's 2e-4 / sqrt(width / 2^14), 3.8e-4 at width 4608); runs and "
                              "results of another rate go to their own folders and files")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="the model's dtype for caching activations and for CE loss")
     parser.add_argument("--results-dir", default="docs/results")
     parser.add_argument("--merge", action="store_true",
@@ -261,12 +266,16 @@ def main() -> None:
     acts, heldout = cache(args, work)
     if args.stage == "cache":
         return
-    ks = [int(k) for k in args.ks.split(",")]
+    ks = [int(k) for k in args.ks.split(",") if k]
     saelens_ks = [int(k) for k in args.saelens_ks.split(",") if k]
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown --variants {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
     runs = []
     # the k of the acceptance checks first (ours, then SAELens's), then the rest of the sweep
     for k in sorted(set(ks) | set(saelens_ks), key=lambda k: (k != args.ce_k, k)):
-        names = (args.variants.split(",") if k in ks else []) + (
+        names = (variants if k in ks else []) + (
             list(SAELENS) if k in saelens_ks else [])
         runs += [(name, k, work / _runs_dir(args) / f"{name}-k{k}") for name in names]
     for name, k, folder in runs:
@@ -281,7 +290,8 @@ def main() -> None:
 
 
 def _results_name(args) -> str:
-    return "sae" + (f"-x{args.passes}" if args.passes > 1 else "") + _lr_suffix(args)
+    rate = "" if args.lr == DEFAULT_LR else _lr_suffix(args) or "-speclr"
+    return "sae" + (f"-x{args.passes}" if args.passes > 1 else "") + rate
 
 
 def report(args, runs, acts: Path, heldout: Path) -> None:
