@@ -304,6 +304,12 @@ def test_teacher_pass_matches_the_target_and_resumes_after_an_interruption(tmp_p
     assert len(calls) == 2  # sequences 6-8 and 9 only
     for name in full:
         assert torch.equal(full[name], cut[name]), name
+    (tmp_path / "cut" / "top_ids.npy").unlink()  # a lost file: the pass starts over
+    calls.clear()
+    handle = target.register_forward_pre_hook(lambda module, args: calls.append(1))
+    again = teacher_pass(target, seqs, 4, tmp_path / "cut", batch_size=3, progress=False)
+    handle.remove()
+    assert len(calls) == 4 and all(torch.equal(full[n], again[n]) for n in full)
 
 
 def test_an_interrupted_data_stage_needs_resume_with_the_same_settings(tmp_path):

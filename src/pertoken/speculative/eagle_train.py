@@ -3,10 +3,11 @@
 The target runs once over the training tokens (bfloat16 by default) and its features (the
 output of its final norm) and top-``k`` logits are cached on disk (memory-mapped ``.npy``
 files, resumable); the head then trains for as many epochs over that cache as
-``train_tokens`` asks, so the expensive teacher pass is paid once. Loss, per position: cross-entropy against the teacher's distribution renormalised over
-its top ``k`` tokens that lie in the head's vocabulary, plus ``feature_weight`` times a
-smooth-L1 regression of the predicted feature on the target's (EAGLE's two losses). The input
-features carry uniform noise, and the head is also trained one step unrolled on its own
+``train_tokens`` asks, so the expensive teacher pass is paid once. Loss, per position:
+cross-entropy against the teacher's distribution renormalised over its top ``k`` tokens that
+lie in the head's vocabulary, plus ``feature_weight`` times a smooth-L1 regression of the
+predicted feature on the target's (EAGLE's two losses). The input features carry uniform
+noise, and the head is also trained one step unrolled on its own
 predicted features, the way deeper tree nodes use it (as HASS does). Measured on SmolLM2 with
 448 self-chats and 300k corpus tokens: held-out top-1 agreement 0.45 after 6 epochs, against
 0.36 for the distilled 2-layer draft; with 3072 self-chats and 5M tokens, 8 epochs at batch 32
@@ -92,14 +93,16 @@ def teacher_pass(target, sequences: torch.Tensor, top_k: int, folder: str | Path
               "top_values": (n, length, top_k), "top_ids": (n, length, top_k)}
     record = folder / "progress.json"
     done = json.loads(record.read_text())["sequences"] if record.exists() else 0
+    if not all((folder / f"{name}.npy").exists() for name in _TEACHER_FIELDS):
+        done = 0
     arrays = {}
     for name, dtype in _TEACHER_FIELDS.items():
         path = folder / f"{name}.npy"
-        if done and path.exists():
+        if done:
             arrays[name] = open_memmap(path, mode="r+")
             if arrays[name].shape != shapes[name] or arrays[name].dtype != dtype:
-                raise UserError(f"{path} does not match the training data; start over without "
-                                "--resume")
+                raise UserError(f"{path} does not match the training data: delete {folder} "
+                                "to run the teacher pass again")
         else:
             arrays[name] = open_memmap(path, mode="w+", dtype=dtype, shape=shapes[name])
     if done < n:
