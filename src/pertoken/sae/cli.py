@@ -262,9 +262,9 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--shard-tokens", type=positive_int, default=65_536)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--outlier-ratio", type=float, default=10.0,
-                   help="drop attention-sink tokens, whose norm exceeds this many times the "
-                        "batch's median (0: keep all)")
+    p.add_argument("--outlier-ratio", type=float, default=3.0,
+                   help="drop attention-sink and other massive-activation tokens, whose norm "
+                        "exceeds this many times the batch's median (0: keep all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
