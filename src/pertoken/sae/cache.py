@@ -117,9 +117,9 @@ def outlier_mask(x: torch.Tensor, ratio: float) -> torch.Tensor:
     those few hold three quarters of the centred variance, so an SAE's FVU would measure them
     rather than the other tokens (spec pitfall 7). A rarer few (a few in 100,000) sit at 1.5-10x
     the median, far beyond ordinary tokens (on docs-en at layer 19 the 99.9th percentile is 1.27x
-    the median): a batch-dependent selection hands such a token most of its batch's budget or
-    threshold crossings and overshoots it, so two held-out tokens of 200,000 added 0.026 to a
-    Mutual Choice SAE's FVU. The default ratio 3 drops both kinds. Caching drops them and the
+    the median): a batch-dependent selection gives such a token far more than k features (its
+    pre-activations scale with its norm) and overshoots it, so two held-out tokens of 200,000
+    added 0.026 to a Mutual Choice SAE's FVU. The default ratio 3 drops both kinds. Caching drops them and the
     CE splice leaves them as they are, as both do for position 0. ``ratio`` 0: none."""
     if not ratio:
         return torch.zeros(x.shape[0], dtype=torch.bool)
