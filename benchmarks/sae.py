@@ -373,10 +373,11 @@ def report(args, runs, acts: Path, heldout: Path) -> None:
                     {})
     plots = _plots(rows, densities, {name: counts for name, counts in old_hist.items()
                                      if (name, args.ce_k) not in ran})
+    rates = {name: rate or TrainConfig().effective_lr(args.width)
+             for name, rate in (("ours", args.lr), ("SAELens", args.saelens_lr))}
     result = {"method": "sae", "title": "Adaptive-sparsity SAEs against TopK and SAELens",
               "model": args.model, "layer": LAYER, "train_tokens": args.train_tokens,
-              "passes": args.passes, "lr": args.lr or TrainConfig().effective_lr(args.width),
-              "saelens_lr": args.saelens_lr or TrainConfig().effective_lr(args.width),
+              "passes": args.passes, "lr": rates["ours"], "saelens_lr": rates["SAELens"],
               "outlier_ratio": args.outlier_ratio,
               "heldout_tokens": args.heldout_tokens, "width": args.width,
               "batch_size": args.batch_size,
@@ -389,8 +390,6 @@ def report(args, runs, acts: Path, heldout: Path) -> None:
     columns = ["run", "k", "mode", "fvu", "l0", "dead_fraction", "ce_loss_recovered",
                "kl_score", "tokens_per_second", "threads", "train_seconds", "peak_rss_mb"]
     passes = f" ({args.passes} passes)" if args.passes > 1 else ""
-    rates = {name: rate or TrainConfig().effective_lr(args.width)
-             for name, rate in (("ours", args.lr), ("SAELens", args.saelens_lr))}
     passes += ", Adam lr " + " / ".join(f"{v:.2g} ({k})" for k, v in rates.items())
     markdown = (f"# Sparse autoencoders: {args.model}, layer {LAYER}\n\n"
                 f"{args.train_tokens:,} training tokens of docs-en{passes}, "

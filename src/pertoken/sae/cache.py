@@ -119,8 +119,9 @@ def outlier_mask(x: torch.Tensor, ratio: float) -> torch.Tensor:
     the median, far beyond ordinary tokens (on docs-en at layer 19 the 99.9th percentile is 1.27x
     the median): a batch-dependent selection gives such a token far more than k features (its
     pre-activations scale with its norm) and overshoots it, so two held-out tokens of 200,000
-    added 0.026 to a Mutual Choice SAE's FVU. The default ratio 3 drops both kinds. Caching drops them and the
-    CE splice leaves them as they are, as both do for position 0. ``ratio`` 0: none."""
+    added 0.026 to a Mutual Choice SAE's FVU. The default ratio 3 drops both kinds. Caching
+    drops them and the CE splice leaves them as they are, as both do for position 0. ``ratio``
+    0: none."""
     if not ratio:
         return torch.zeros(x.shape[0], dtype=torch.bool)
     norms = x.float().norm(dim=-1)
