@@ -46,6 +46,7 @@ from pathlib import Path
 
 from pertoken.bench import environment, markdown_table, write_results
 from pertoken.models import DEFAULT_MODEL, cache_dir
+from pertoken.sae.cache import OUTLIER_RATIO
 
 LAYER = 19
 VARIANTS = {
@@ -84,9 +85,6 @@ def cache(args, work: Path) -> tuple[Path, Path]:
 
 DEFAULT_LR = 6e-3
 DEFAULT_SAELENS_LR = 1.5e-3
-
-
-OUTLIER_RATIO = 3.0
 
 
 def _data_suffix(args) -> str:

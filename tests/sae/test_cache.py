@@ -134,3 +134,21 @@ def test_attention_sink_outliers_are_dropped_and_counted(tiny, tmp_path):
     x[7] *= 100
     assert cache_module.outlier_mask(x, 10.0).nonzero().flatten().tolist() == [7]
     assert not cache_module.outlier_mask(x, 0).any()
+
+
+def test_the_cli_cache_defaults_are_the_configs():
+    """The CLI spells its defaults as literals (building the parser must not import torch);
+    they must stay CacheConfig's, and the CE splice's ratio the cache's."""
+    import inspect
+
+    from pertoken.cli import build_parser
+    from pertoken.sae.metrics import ce_loss_recovered
+
+    args = build_parser().parse_args(["sae", "cache", "--layer", "1", "--tokens", "10",
+                                      "-o", "out"])
+    cfg = CacheConfig(layer=1, tokens=10)
+    for field in ("context", "batch_size", "shard_tokens", "outlier_ratio", "seed"):
+        assert getattr(args, field) == getattr(cfg, field), field
+    assert args.keep_first is not cfg.skip_first
+    default = inspect.signature(ce_loss_recovered).parameters["outlier_ratio"].default
+    assert default == cfg.outlier_ratio == cache_module.OUTLIER_RATIO

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 META = "meta.json"
 
 
+OUTLIER_RATIO = 3.0
+"""the default cut of :func:`outlier_mask`, shared by caching, the CE splice and the CLI"""
+
+
 @dataclass
 class CacheConfig:
     layer: int
@@ -40,7 +44,7 @@ class CacheConfig:
     shard_tokens: int = 65_536
     shuffle_shards: int = 8
     """shards filled, shuffled together and written at once (the shuffle window)"""
-    outlier_ratio: float = 3.0
+    outlier_ratio: float = OUTLIER_RATIO
     """drop tokens whose activation norm exceeds this many times the batch's median norm
     (0: keep all); see :func:`outlier_mask`"""
     seed: int = 0

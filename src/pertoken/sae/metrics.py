@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pertoken.errors import UserError
+from pertoken.sae.cache import OUTLIER_RATIO
 from pertoken.sae.model import SparseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,8 @@ def _hidden(output) -> torch.Tensor:
 @torch.inference_mode()
 def ce_loss_recovered(sae: SparseAutoencoder, model, tokenizer, documents, layer: int,
                       sequences: int, context: int = 256, batch_size: int = 4, scale: float = 1.0,
-                      seed: int = 0, outlier_ratio: float = 3.0, progress: bool = True) -> dict:
+                      seed: int = 0, outlier_ratio: float = OUTLIER_RATIO,
+                      progress: bool = True) -> dict:
     """CE loss recovered, ΔCE and KL of splicing ``sae`` into the residual stream after decoder
     layer ``layer`` (spec §1.6; SAELens ``ce_loss_score``/``kl_div_score``).
 
