@@ -151,6 +151,10 @@ def _machine_key(name: str, model) -> str:
     linear = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
     # the layout: strides, and the class (a PackedLinear runs other kernels)
     layout = "" if linear is None else f"{linear.weight.stride()}{type(linear).__name__}"
+    from pertoken.speculative.fp16 import has_fp16_linears
+
+    if has_fp16_linears(model):
+        layout += "|fp16-linears"
     parts = [name, str(next(model.parameters()).dtype), str(torch.get_num_threads()),
              torch.__version__, cpu, layout]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
@@ -261,6 +265,8 @@ class BenchConfig:
     """the standalone draft for ``hf-assisted`` (default: the draft)"""
     lookup: int = 4
     """prompt-lookup tokens grafted into greedy DySpec trees (0: none)"""
+    fp16_draft: bool = False
+    """the draft (and the assistant) ran on float16 weights (recorded; the caller converts)"""
 
     def validate(self) -> None:
         from pertoken.speculative.generate import check_settings
@@ -447,7 +453,7 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
             "draft_kind": "eagle" if isinstance(draft, EagleHead) else "model",
             "threads": torch.get_num_threads(),
             "dtype": cfg.dtype, "prompts": cfg.prompts, "max_new_tokens": cfg.max_new_tokens,
-            "calibrate": cfg.calibrate, "lookup": cfg.lookup,
+            "calibrate": cfg.calibrate, "lookup": cfg.lookup, "fp16_draft": cfg.fp16_draft,
             "repeats": cfg.repeats, "acceptance": {str(k): v for k, v in acceptance.items()},
             "auto_budget": {str(k): v for k, v in auto.items()},
             "costs": ({"target_ms": {str(k): 1000 * v for k, v in costs["target"].items()},

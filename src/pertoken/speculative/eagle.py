@@ -105,8 +105,13 @@ class EagleHead(nn.Module):
         return self
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.fc.weight.dtype
+    def dtype(self) -> torch.dtype:  # the norm's: the linears may be fbgemm modules
+        return self.layer.input_layernorm.weight.dtype
+
+    def use_vocab_projection(self, linear: nn.Module) -> None:
+        """Project onto the draft vocabulary with ``linear`` (a float16 copy of the bound
+        LM-head rows, from :func:`pertoken.speculative.fp16.fp16_draft`) instead of the rows."""
+        object.__setattr__(self, "vocab_projection", linear)
 
     def forward(self, input_ids: torch.Tensor, features: torch.Tensor,
                 position_ids: torch.Tensor | None = None,
@@ -124,11 +129,16 @@ class EagleHead(nn.Module):
         if isinstance(x, tuple):
             x = x[0]
         out = x if rows is None else x[:, rows]
+        projection = self.__dict__.get("vocab_projection")
+        if projection is not None:
+            return x, projection(out)
         return x, out @ self.head_weight.to(out.dtype).T
 
     def save(self, out: str | Path, info: dict) -> None:
         from safetensors.torch import save_file
 
+        if "vocab_projection" in self.__dict__:
+            raise RuntimeError("a float16 head cannot be saved: save it before fp16_draft")
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
