@@ -69,8 +69,18 @@ def ensure_eagle(folder: Path, target: str, device: str = "auto") -> None:
                     "--checkpoint-every", "500"], device)
 
 
+def _cell_name(args, prompts: str, dtype: str) -> str:
+    """The cell's file stem: its prompts and dtype, and the drafting options that change it."""
+    name = f"cell-{prompts.replace(':', '-')}-{dtype}"
+    if args.fp16_draft:
+        name += "-fp16draft"
+    if args.draft_temperature is not None:
+        name += f"-dt{args.draft_temperature:g}"
+    return name
+
+
 def run_cell(args, work: Path, prompts: str, dtype: str) -> dict:
-    out = work / f"cell-{prompts.replace(':', '-')}-{dtype}.json"
+    out = work / f"{_cell_name(args, prompts, dtype)}.json"
     if out.is_file() and not args.fresh:
         return json.loads(out.read_text())
     cmd = [sys.executable, "-m", "pertoken", "speculative", "bench", "--model", args.model,
@@ -81,7 +91,11 @@ def run_cell(args, work: Path, prompts: str, dtype: str) -> dict:
            "--dtype", dtype, "--threads", str(args.threads), "--json", str(out)]
     if args.calibrate:
         cmd.append("--calibrate")
-    log = work / f"cell-{prompts.replace(':', '-')}-{dtype}.log"
+    if args.fp16_draft:
+        cmd.append("--fp16-draft")
+    if args.draft_temperature is not None:
+        cmd += ["--draft-temperature", str(args.draft_temperature)]
+    log = work / f"{_cell_name(args, prompts, dtype)}.log"
     with open(log, "w") as handle:
         subprocess.run(cmd, check=True, stdout=handle, stderr=subprocess.STDOUT)
     print(f"done: {prompts} {dtype}", flush=True)
@@ -133,6 +147,10 @@ def main() -> None:
     parser.add_argument("--methods", default="ar,hf-ar,chain,tree,dyspec,dyspec-heap,hf-assisted")
     parser.add_argument("--calibrate", action="store_true",
                         help="DySpec values from the online acceptance calibration")
+    parser.add_argument("--fp16-draft", action="store_true",
+                        help="drafts (ours and hf-assisted's) on float16 weights")
+    parser.add_argument("--draft-temperature", type=float, default=None,
+                        help="the drafts' temperature (default: bench's)")
     parser.add_argument("--budgets", default="4,8,16,auto")
     parser.add_argument("--temperatures", default="0,1")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -201,7 +219,8 @@ def main() -> None:
               "draft_kind": "eagle" if "vocab_coverage_heldout" in draft_info else "model",
               "assistant_cost": infos["assistant"].get("cost"), "threads": args.threads,
               "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
-              "calibrate": args.calibrate,
+              "calibrate": args.calibrate, "fp16_draft": args.fp16_draft,
+              "draft_temperature": args.draft_temperature,
               "draft_cost": draft_info.get("cost"), "draft_training": draft_info.get("history", [])[-1:],
               "environment": environment(), "summary": summary, "results": table_rows,
               "acceptance": {f"{c['prompts']} {c['dtype']}": c["acceptance"] for c in results},

@@ -141,7 +141,8 @@ def test_cli_generate_streams_text_and_rejects_bad_settings(tmp_path, models, ca
     assert main(args) == 0
     assert len(capsys.readouterr().out) > 0
     for bad, needle in ((["--budget", "0"], "budget"), (["--temperature", "-1"], "temperature"),
-                        (["--top-p", "2"], "top-p"), (["--lookup", "-1"], "lookup")):
+                        (["--top-p", "2"], "top-p"), (["--lookup", "-1"], "lookup"),
+                        (["--draft-temperature", "-1"], "draft temperature")):
         done = subprocess.run([sys.executable, "-m", "pertoken", *args, *bad], capture_output=True,
                               text=True)
         lines = done.stderr.strip().splitlines()

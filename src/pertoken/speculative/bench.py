@@ -96,7 +96,8 @@ def star_shape(width: int) -> list[int]:
 
 def measure_acceptance(target, draft, prompts: Sequence[Sequence[int]], temperature: float,
                        width: int = 8, max_new_tokens: int = 48, top_k: int = 0,
-                       top_p: float = 1.0, eos_token_id=None, seed: int = 0) -> list[float]:
+                       top_p: float = 1.0, eos_token_id=None, seed: int = 0,
+                       draft_temperature: float | None = None) -> list[float]:
     """Sequoia's acceptance vector: ``p[r]`` is the probability that the ``r``-th draft token
     drawn without replacement at a node is the one accepted, measured with star trees of
     ``width`` children while decoding ``prompts``."""
@@ -108,7 +109,8 @@ def measure_acceptance(target, draft, prompts: Sequence[Sequence[int]], temperat
         out = generate(target, draft, list(prompt), method="tree", budget=width,
                        temperature=temperature, top_k=top_k, top_p=top_p,
                        max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                       tree_shape=star_shape(width), seed=seed + i)
+                       tree_shape=star_shape(width), seed=seed + i,
+                       draft_temperature=draft_temperature)
         for step in out.steps:
             steps += 1
             if step.path:
@@ -221,14 +223,17 @@ def choose_budget(costs: dict, acceptance: Sequence[float], max_budget: int = 64
 
 
 def auto_budget(target, draft, tokenizer, target_name: str, draft_name: str,
-                temperature: float, top_k: int = 0, top_p: float = 1.0) -> int:
+                temperature: float, top_k: int = 0, top_p: float = 1.0,
+                draft_temperature: float | None = None) -> int:
     """``--budget auto``: the budget from this machine's cost curve and the acceptance vector
     measured on four wiki-en training prompts (both cached)."""
     from pertoken.atomic import write_json_atomic
     from pertoken.models import cache_dir
 
     costs = cost_curve(target, draft, target_name, draft_name)
-    key = hashlib.sha256(f"{target_name}|{draft_name}|{temperature}|{top_k}|{top_p}".encode())
+    settings = f"{temperature}|{top_k}|{top_p}" + (
+        f"|{draft_temperature}" if draft_temperature is not None else "")
+    key = hashlib.sha256(f"{target_name}|{draft_name}|{settings}".encode())
     path = cache_dir() / "speculative" / f"acceptance-{key.hexdigest()[:16]}.json"
     if path.is_file():
         acceptance = json.loads(path.read_text())
@@ -236,7 +241,8 @@ def auto_budget(target, draft, tokenizer, target_name: str, draft_name: str,
         log.info("measuring the draft's acceptance (once for this pair of models)")
         prompts = load_prompts("wiki-en:4", tokenizer, split="train")
         acceptance = measure_acceptance(target, draft, prompts, temperature, top_k=top_k,
-                                        top_p=top_p, eos_token_id=tokenizer.eos_token_id)
+                                        top_p=top_p, eos_token_id=tokenizer.eos_token_id,
+                                        draft_temperature=draft_temperature)
         write_json_atomic(path, acceptance)
     budget, _ = choose_budget(costs, acceptance)
     log.info("auto budget: %d", budget)
@@ -265,6 +271,8 @@ class BenchConfig:
     """the standalone draft for ``hf-assisted`` (default: the draft)"""
     lookup: int = 4
     """prompt-lookup tokens grafted into greedy DySpec trees (0: none)"""
+    draft_temperature: float | None = None
+    """the draft's temperature (default: generate's, 1.0 for an EAGLE head, 0.6 for a model)"""
     fp16_draft: bool = False
     """the draft (and the assistant) ran on float16 weights (recorded; the caller converts)"""
 
@@ -275,7 +283,7 @@ class BenchConfig:
         if bad:
             raise UserError(f"unknown method {bad[0]!r}: choose from {', '.join(METHOD_CHOICES)}")
         for t in self.temperatures or [0.0]:
-            check_settings(t, self.top_p, 1, self.lookup)
+            check_settings(t, self.top_p, 1, self.lookup, self.draft_temperature)
         for b in self.budgets:
             if b != "auto" and (not isinstance(b, int) or b < 1):
                 raise UserError(f"budget must be a positive number or auto, got {b!r}")
@@ -355,7 +363,8 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
     if needs_draft and uses_tree_model:
         for t in cfg.temperatures:
             acceptance[t] = measure_acceptance(target, draft, calibration_prompts, t, top_k=cfg.top_k,
-                                               top_p=cfg.top_p, eos_token_id=eos)
+                                               top_p=cfg.top_p, eos_token_id=eos,
+                                               draft_temperature=cfg.draft_temperature)
             log.info("acceptance at T=%s: %s", t, [round(a, 3) for a in acceptance[t]])
     if "auto" in cfg.budgets:
         costs = cost_curve(target, draft, cfg.model, cfg.draft)
@@ -383,7 +392,8 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
             for prompt in calibration_prompts:
                 generate(target, draft, list(prompt), method=c[0], budget=c[1], temperature=c[2],
                          top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                         eos_token_id=eos, seed=cfg.seed, calibration=calibrations[c])
+                         eos_token_id=eos, seed=cfg.seed, calibration=calibrations[c],
+                         draft_temperature=cfg.draft_temperature)
 
     runs: dict[tuple, list[dict]] = {
         c: [{"tokens": 0, "calls": 0, "seconds": 0.0, "histogram": Counter(), "outputs": []}
@@ -409,7 +419,7 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
                                    max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
                                    seed=seed, tree_shape=shapes.get(config),
                                    calibration=copy.deepcopy(calibrations.get(config, False)),
-                                   lookup=cfg.lookup)
+                                   lookup=cfg.lookup, draft_temperature=cfg.draft_temperature)
                     tokens, n_calls = out.tokens, len(out.steps)
                     accepted = [s.accepted for s in out.steps]
                 run["seconds"] += time.perf_counter() - start
@@ -454,6 +464,7 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
             "threads": torch.get_num_threads(),
             "dtype": cfg.dtype, "prompts": cfg.prompts, "max_new_tokens": cfg.max_new_tokens,
             "calibrate": cfg.calibrate, "lookup": cfg.lookup, "fp16_draft": cfg.fp16_draft,
+            "draft_temperature": cfg.draft_temperature,
             "repeats": cfg.repeats, "acceptance": {str(k): v for k, v in acceptance.items()},
             "auto_budget": {str(k): v for k, v in auto.items()},
             "costs": ({"target_ms": {str(k): 1000 * v for k, v in costs["target"].items()},

@@ -62,7 +62,7 @@ def _generate(args) -> int:
     from pertoken.speculative.generate import check_settings, generate
 
     check_settings(args.temperature, args.top_p, 1 if args.budget == "auto" else args.budget,
-                   args.lookup)
+                   args.lookup, args.draft_temperature)
     if args.method != "ar" and not args.draft:
         raise UserError(f"--method {args.method} needs a --draft model")
     if args.threads:
@@ -74,7 +74,8 @@ def _generate(args) -> int:
         from pertoken.speculative.bench import auto_budget
 
         budget = auto_budget(target, draft, tokenizer, args.model, args.draft, args.temperature,
-                             args.top_k, args.top_p) if draft is not None else 1
+                             args.top_k, args.top_p,
+                             args.draft_temperature) if draft is not None else 1
     if args.chat and tokenizer.chat_template:
         messages = [{"role": "user", "content": args.prompt}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -98,7 +99,7 @@ def _generate(args) -> int:
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                    seed=args.seed, calibration=args.calibrate, on_tokens=stream,
-                   lookup=args.lookup)
+                   lookup=args.lookup, draft_temperature=args.draft_temperature)
     seconds = time.perf_counter() - start
     sys.stdout.write("\n")
     print(f"[{len(out.tokens)} tokens in {len(out.steps)} target calls "
@@ -232,7 +233,7 @@ def _bench(args) -> int:
                       max_new_tokens=args.max_new_tokens, prompt_tokens=args.prompt_tokens,
                       repeats=args.repeats, dtype=args.dtype, top_k=args.top_k, top_p=args.top_p,
                       calibrate=args.calibrate, assistant=args.assistant, lookup=args.lookup,
-                      fp16_draft=args.fp16_draft)
+                      fp16_draft=args.fp16_draft, draft_temperature=args.draft_temperature)
     cfg.validate()
     resolve(args.model)
     _check_draft_path(args.draft)
@@ -269,6 +270,10 @@ def _add_pair_and_drafting(p, default_model: str) -> None:
     p.add_argument("--lookup", type=int, default=4, metavar="N",
                    help="greedy dyspec: graft up to N prompt-lookup tokens into each tree "
                         "(out of the budget; 0: off)")
+    p.add_argument("--draft-temperature", type=float, default=None, metavar="T",
+                   help="the draft's softmax temperature, which shapes the tree and (when "
+                        "sampling) the drafts' law (default 1.0 for an EAGLE head, 0.6 for a "
+                        "draft model); the output law stays the target's")
     p.add_argument("--fp16-draft", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the draft's (and bench's --assistant's) weights in float16 "
                         "(float32 CPU drafts; faster draft calls, the output is unchanged)")

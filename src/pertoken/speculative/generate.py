@@ -89,8 +89,11 @@ class _WarpedRows:
         return self.rows[node]
 
 
-def check_settings(temperature: float, top_p: float, budget: int, lookup: int = 0) -> None:
+def check_settings(temperature: float, top_p: float, budget: int, lookup: int = 0,
+                   draft_temperature: float | None = None) -> None:
     """Raise :class:`UserError` for settings no method accepts."""
+    if draft_temperature is not None and not draft_temperature > 0:
+        raise UserError(f"draft temperature must be > 0, got {draft_temperature}")
     if lookup < 0:
         raise UserError(f"lookup must be >= 0, got {lookup}")
     if temperature < 0:
@@ -101,8 +104,8 @@ def check_settings(temperature: float, top_p: float, budget: int, lookup: int = 
         raise UserError(f"budget must be at least 1, got {budget}")
 
 
-def _check(temperature, top_p, budget, lookup, target, draft):
-    check_settings(temperature, top_p, budget, lookup)
+def _check(temperature, top_p, budget, lookup, target, draft, draft_temperature=None):
+    check_settings(temperature, top_p, budget, lookup, draft_temperature)
     if draft is not None and draft.config.vocab_size != target.config.vocab_size:
         raise UserError("the draft and the target have different vocabularies "
                         f"({draft.config.vocab_size} vs {target.config.vocab_size})")
@@ -197,7 +200,8 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
     """
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    _check(temperature, top_p, budget, lookup, target, draft if method != "ar" else None)
+    _check(temperature, top_p, budget, lookup, target, draft if method != "ar" else None,
+           draft_temperature)
     if not input_ids:
         raise UserError("the prompt is empty")
     if method == "tree":
