@@ -1,6 +1,8 @@
 """The EAGLE head: the runner's cached, tree-batched draft probabilities equal a from-scratch
 recomputation along each node's path; decoding with it stays exact; save and load."""
 
+import dataclasses
+import json
 import random
 
 import pytest
@@ -21,21 +23,21 @@ from .paths import node_path
 TEMPERATURE = 0.7
 
 
-@pytest.fixture(scope="module")
-def pair():
+@pytest.fixture(scope="module", params=[(), (0,)], ids=["final-feature", "layer-0-too"])
+def pair(request):
     target, _ = tiny_llama(seed=31, num_hidden_layers=2, hidden_size=32, intermediate_size=64)
     with torch.no_grad():
         target.lm_head.weight.mul_(4)
     torch.manual_seed(32)
-    head = EagleHead(target, torch.arange(3, target.config.vocab_size, 3)).eval()
+    head = EagleHead(target, torch.arange(3, target.config.vocab_size, 3), request.param).eval()
     with torch.no_grad():
         for p in head.parameters():
             p.add_(torch.randn_like(p) * 0.3)  # features and tokens both matter
     return target, head
 
 
-def _target_features(target, tokens):
-    capture = FeatureCapture(target)
+def _target_features(target, tokens, layers=()):
+    capture = FeatureCapture(target, layers)
     try:
         with torch.inference_mode():
             target(input_ids=torch.tensor([tokens]))
@@ -48,7 +50,7 @@ def _reference_probs(target, head, committed, path_tokens):
     """Draft probabilities after ``committed + path_tokens``, with no cache: the committed
     tokens read the target's features of the position before (zeros at 0), each path token
     the head's own output at the position before, recomputed from scratch."""
-    true = _target_features(target, committed)
+    true = _target_features(target, committed, head.feature_layers)
     feats = torch.cat([torch.zeros(1, true.shape[1]), true[:-1]])
     tokens = list(committed)
     with torch.inference_mode():
@@ -72,7 +74,7 @@ def test_runner_probabilities_match_a_from_scratch_recomputation(pair):
     for trial in range(3):
         prompt = [rng.randrange(4, 260) for _ in range(rng.randrange(2, 9))]
         committed = prompt[:-1]
-        capture = FeatureCapture(target)
+        capture = FeatureCapture(target, head.feature_layers)
         try:
             cache = DynamicCache(config=target.config)
             target(input_ids=torch.tensor([committed]), cache=cache, use_cache=True)
@@ -151,7 +153,8 @@ def test_save_and_load_round_trip(tmp_path, pair):
     head.save(tmp_path / "head", {"target": "tiny"})
     loaded = load_eagle(tmp_path / "head", target)
     assert torch.equal(loaded.vocab, head.vocab)
-    ids, feats = torch.tensor([[5, 6, 7]]), torch.randn(1, 3, 32)
+    assert loaded.feature_layers == head.feature_layers
+    ids, feats = torch.tensor([[5, 6, 7]]), torch.randn(1, 3, head.feature_size)
     with torch.inference_mode():
         assert torch.allclose(loaded(ids, feats)[1], head(ids, feats)[1], atol=1e-6)
     other, _ = tiny_llama(seed=1, hidden_size=64, intermediate_size=64)
@@ -159,6 +162,60 @@ def test_save_and_load_round_trip(tmp_path, pair):
         load_eagle(tmp_path / "head", other)
     with pytest.raises(UserError, match="not an EAGLE head"):
         load_eagle(tmp_path, target)
+
+
+def test_feature_capture_with_layers_matches_the_hidden_states():
+    target, _ = tiny_llama(seed=8, num_hidden_layers=3, hidden_size=32, intermediate_size=64)
+    ids = torch.randint(0, 260, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        out = target(input_ids=ids, output_hidden_states=True)
+        capture = FeatureCapture(target, (0, 1))
+        try:
+            target(input_ids=ids)
+        finally:
+            capture.close()
+    eps = target.config.rms_norm_eps
+    # reference: hidden_states[i + 1] is decoder layer i's output, the last one after the norm
+    want = [h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps) for h in out.hidden_states[1:3]]
+    want = torch.cat(want + [out.hidden_states[-1]], dim=-1)
+    assert capture.value.shape == (2, 7, 96)
+    assert torch.allclose(capture.value, want, atol=1e-5)
+    with pytest.raises(UserError, match="feature layers"):
+        EagleHead(target, torch.arange(10), (2,))
+    with pytest.raises(UserError, match="feature layers"):
+        EagleHead(target, torch.arange(10), (1, 0))
+
+
+def test_eagle_training_with_feature_layers_learns_and_stays_exact(tmp_path):
+    from pertoken.speculative.eagle_train import train_eagle
+
+    target, tok = tiny_llama(seed=3, num_hidden_layers=2, hidden_size=32, intermediate_size=64)
+    info = train_eagle(target, tok, DOCS, tmp_path / "head", _eagle_cfg(feature_layers="0"),
+                       progress=False)
+    history = info["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    head = load_eagle(tmp_path / "head", target)
+    assert head.feature_layers == (0,) and head.feature_size == 64
+    prompt = tok.encode("Document 5: the quick")
+    plain = generate(target, None, prompt, method="ar", max_new_tokens=12).tokens
+    for method in ("dyspec", "chain"):
+        assert generate(target, head, prompt, method=method, budget=6,
+                        max_new_tokens=12).tokens == plain
+    with pytest.raises(UserError, match="feature layers"):
+        train_eagle(target, tok, DOCS, tmp_path / "bad", _eagle_cfg(feature_layers="1"),
+                    progress=False)
+    with pytest.raises(UserError, match="integers"):
+        _eagle_cfg(feature_layers="a").validate()
+
+
+def test_a_setting_added_later_resumes_at_its_default():
+    from pertoken.speculative.draft_train import same_settings
+
+    saved = json.loads(json.dumps(dataclasses.asdict(_eagle_cfg())))
+    del saved["feature_layers"]  # a run recorded before the setting existed
+    assert same_settings(saved, _eagle_cfg())
+    assert not same_settings(saved, _eagle_cfg(feature_layers="0"))
+    assert not same_settings({**saved, "lr": 1.0}, _eagle_cfg())
 
 
 def test_vocab_by_frequency_keeps_specials_and_the_most_frequent_tokens():
@@ -284,6 +341,12 @@ def test_teacher_pass_matches_the_target_and_resumes_after_an_interruption(tmp_p
     assert torch.allclose(full["features"].float(), out.hidden_states[-1], atol=2e-3)
     values, ids = torch.topk(out.logits, 4, dim=-1)
     assert torch.equal(full["top_ids"].long(), ids)
+    layered = teacher_pass(target, seqs, 4, tmp_path / "layered", batch_size=4, progress=False,
+                           feature_layers=(0,))
+    want = torch.stack([_target_features(target, row.tolist(), (0,)) for row in seqs])
+    assert layered["features"].shape == (10, 9, 64)
+    assert torch.allclose(layered["features"].float(), want, atol=5e-3)
+    assert torch.equal(layered["top_ids"], full["top_ids"])
     assert torch.allclose(full["top_values"].float(), values, atol=2e-3)
 
     calls = []

@@ -134,8 +134,10 @@ def _train_draft(args) -> int:
                                train_tokens=_default(args.train_tokens, 2_400_000),
                                lr=_default(args.lr, 1e-3), top_k=_default(args.top_k, 16),
                                checkpoint_every=args.checkpoint_every, seed=args.seed,
-                               self_chat=args.self_chat)
+                               self_chat=args.self_chat, feature_layers=args.feature_layers)
     else:
+        if args.feature_layers:
+            raise UserError("--feature-layers is for --kind eagle heads")
         cfg = DraftTrainConfig(hidden_size=args.hidden_size, num_hidden_layers=args.layers,
                                num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                                intermediate_size=args.intermediate_size, seq_len=args.seq_len,
@@ -351,6 +353,9 @@ def add_commands(commands, parser_class, positive_int) -> None:
                         "cached teacher pass)")
     p.add_argument("--data-tokens", type=positive_int, default=None,
                    help="eagle: tokens the teacher runs over, once (default 400k)")
+    p.add_argument("--feature-layers", default="", metavar="I,J",
+                   help="eagle: decoder layers whose (normalised) outputs the head reads "
+                        "beside the final feature, as EAGLE-3 does (default: none)")
     p.add_argument("--vocab", type=positive_int, default=8192,
                    help="eagle: draftable tokens, the most frequent in the training data")
     p.add_argument("--lr", type=float, default=None, help="default 3e-3; eagle 1e-3")

@@ -36,7 +36,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -306,8 +306,17 @@ def check_output(out: str | Path, resume: bool, cfg=None) -> None:
         raise UserError(f"nothing to resume in {out}")
     record = state / "config.json"
     if resume and cfg is not None and record.is_file():
-        if json.loads(record.read_text()) != json.loads(json.dumps(asdict(cfg))):
+        if not same_settings(json.loads(record.read_text()), cfg):
             raise UserError(f"{out} was trained with other settings; resume with the same flags")
+
+
+def same_settings(saved: dict, cfg) -> bool:
+    """Whether the recorded settings ``saved`` are the dataclass ``cfg``'s; a setting added
+    since the record was made counts as recorded at its default."""
+    now = json.loads(json.dumps(asdict(cfg)))
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(cfg)
+                                      if f.default is not MISSING}))
+    return {**{k: defaults.get(k) for k in now if k not in saved}, **saved} == now
 
 
 def start_output(out: Path, cfg) -> Path:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -38,18 +39,56 @@ WEIGHTS_NAME = "eagle.safetensors"
 
 
 class FeatureCapture:
-    """Keeps the output of the target's final norm (the feature its LM head reads) on every
-    forward, through a forward hook."""
+    """Keeps the target's features of every forward, through forward hooks: the output of its
+    final norm (what its LM head reads), after the outputs of the decoder layers
+    ``layers``, each RMS-normalised without a weight (residual streams carry channels hundreds
+    of times the typical size; normalised, all parts share one scale), concatenated in that
+    order: ``value`` is ``(batch, tokens, hidden * (len(layers) + 1))``."""
 
-    def __init__(self, target) -> None:
+    def __init__(self, target, layers: Sequence[int] = ()) -> None:
         self.value: torch.Tensor | None = None
-        self.handle = final_norm(target).register_forward_hook(self._hook)
+        self.layers = tuple(layers)
+        self.parts: dict[int, torch.Tensor] = {}
+        self.eps = float(getattr(target.config, "rms_norm_eps", 1e-6))
+        blocks = decoder_layers(target) if self.layers else []
+        self.handles = [blocks[i].register_forward_hook(self._layer_hook(i)) for i in self.layers]
+        self.handles.append(final_norm(target).register_forward_hook(self._hook))
+
+    def _layer_hook(self, index: int):
+        def hook(module, inputs, output) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            self.parts[index] = nn.functional.rms_norm(hidden, (hidden.shape[-1],), eps=self.eps)
+        return hook
 
     def _hook(self, module, inputs, output) -> None:
+        if self.layers:
+            output = torch.cat([self.parts.pop(i).to(output.dtype) for i in self.layers]
+                               + [output], dim=-1)
         self.value = output
 
     def close(self) -> None:
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
+
+
+def decoder_layers(target) -> nn.ModuleList:
+    layers = getattr(getattr(target, "model", None), "layers", None)
+    if layers is None:
+        raise UserError(f"{type(target).__name__} has no model.layers: the EAGLE head supports "
+                        "Llama-family models")
+    return layers
+
+
+def check_feature_layers(target, layers: Sequence[int]) -> tuple[int, ...]:
+    """``layers`` as a tuple, checked against the target's depth (each a decoder layer index
+    before the last, in increasing order)."""
+    count = target.config.num_hidden_layers
+    layers = tuple(int(i) for i in layers)
+    if any(not 0 <= i < count - 1 for i in layers) or list(layers) != sorted(set(layers)):
+        raise UserError(f"feature layers must be increasing decoder layer indices from 0 to "
+                        f"{count - 2} (the last layer's output is the final feature), got "
+                        f"{','.join(map(str, layers))}")
+    return layers
 
 
 def final_norm(target) -> nn.Module:
@@ -65,9 +104,15 @@ class EagleHead(nn.Module):
 
     ``vocab`` (a LongTensor) lists the draftable token ids; ``logits[..., j]`` is token
     ``vocab[j]``'s. ``target`` provides the embedding and LM head rows (bound, not copied into
-    the saved weights)."""
+    the saved weights).
 
-    def __init__(self, target, vocab: torch.Tensor) -> None:
+    With ``feature_layers`` the features are :class:`FeatureCapture`'s concatenation: the
+    normalised outputs of those decoder layers, then the final feature (EAGLE-3's point:
+    lower layers keep what the last one has already spent on the next token). The head then
+    also predicts those parts, through ``aux`` from its output, so that deeper tree nodes read
+    a full predicted feature; logits come from the final part alone, as without them."""
+
+    def __init__(self, target, vocab: torch.Tensor, feature_layers: Sequence[int] = ()) -> None:
         from transformers.models.llama.modeling_llama import (LlamaDecoderLayer,
                                                               LlamaRotaryEmbedding)
 
@@ -77,7 +122,11 @@ class EagleHead(nn.Module):
         cfg._attn_implementation = "sdpa"
         self.config = cfg
         width = cfg.hidden_size
-        self.fc = nn.Linear(2 * width, width, bias=False)
+        self.feature_layers = check_feature_layers(target, feature_layers)
+        extra = width * len(self.feature_layers)
+        self.feature_size = width + extra
+        self.fc = nn.Linear(width + self.feature_size, width, bias=False)
+        self.aux = nn.Linear(width, extra, bias=False) if extra else None
         self.layer = LlamaDecoderLayer(cfg, layer_idx=0)
         self.rotary = LlamaRotaryEmbedding(cfg)
         self.register_buffer("vocab", vocab.long().clone(), persistent=False)
@@ -128,11 +177,12 @@ class EagleHead(nn.Module):
                        position_embeddings=self.rotary(x, position_ids))
         if isinstance(x, tuple):
             x = x[0]
+        predicted = x if self.aux is None else torch.cat([self.aux(x), x], dim=-1)
         out = x if rows is None else x[:, rows]
         projection = self.__dict__.get("vocab_projection")
         if projection is not None:
-            return x, projection(out)
-        return x, out @ self.head_weight.to(out.dtype).T
+            return predicted, projection(out)
+        return predicted, out @ self.head_weight.to(out.dtype).T
 
     def save(self, out: str | Path, info: dict) -> None:
         from safetensors.torch import save_file
@@ -147,6 +197,7 @@ class EagleHead(nn.Module):
             save_file(state, str(tmp))
         write_json_atomic(out / CONFIG_NAME, {
             "kind": "eagle-head", **info, "hidden_size": self.config.hidden_size,
+            "feature_layers": list(self.feature_layers),
             "target_vocab_size": self.config.vocab_size, "draft_vocab_size": int(self.vocab.numel())})
 
 
@@ -180,7 +231,7 @@ def load_eagle(path: str | Path, target) -> EagleHead:
     if (info.get("hidden_size") != target.config.hidden_size
             or info.get("target_vocab_size") != target.config.vocab_size):
         raise UserError(f"the EAGLE head in {path} was trained for another target")
-    head = EagleHead(target, vocab)
+    head = EagleHead(target, vocab, info.get("feature_layers", ()))
     head.load_state_dict(state)
     dtype = next(target.parameters()).dtype
     return head.to(dtype).eval()
@@ -204,8 +255,8 @@ class EagleRunner:
         self.cache = DynamicCache()
         self.vocab_size = head.config.vocab_size
         self.pending_tokens: list[int] = []
-        self.pending_features = torch.zeros(0, head.config.hidden_size, dtype=head.dtype)
-        self.last_feature = torch.zeros(1, head.config.hidden_size, dtype=head.dtype)
+        self.pending_features = torch.zeros(0, head.feature_size, dtype=head.dtype)
+        self.last_feature = torch.zeros(1, head.feature_size, dtype=head.dtype)
         self.prefix = self.fed = 0
         self.probs: dict[int, torch.Tensor] = {}
         self.predicted: dict[int, torch.Tensor] = {}
@@ -277,7 +328,7 @@ def head_decode_seconds(head: EagleHead, context: int = 256, repeats: int = 7) -
     from transformers import DynamicCache
 
     g = torch.Generator().manual_seed(0)
-    width = head.config.hidden_size
+    width = head.feature_size
     ids = torch.randint(0, head.config.vocab_size, (1, context + 1), generator=g)
     feats = torch.randn(1, context + 1, width, generator=g).to(head.dtype)
     times = []

@@ -1,7 +1,8 @@
 """Train an EAGLE head for a target (``pertoken speculative train-draft --kind eagle``).
 
 The target runs once over the training tokens (bfloat16 by default) and its features (the
-output of its final norm) and top-``k`` logits are cached on disk (memory-mapped ``.npy``
+output of its final norm, after the normalised outputs of ``feature_layers`` if any) and
+top-``k`` logits are cached on disk (memory-mapped ``.npy``
 files, resumable); the head then trains for as many epochs over that cache as
 ``train_tokens`` asks, so the expensive teacher pass is paid once. Loss, per position:
 cross-entropy against the teacher's distribution renormalised over its top ``k`` tokens that
@@ -29,9 +30,10 @@ import torch
 
 from pertoken.atomic import atomic_path, write_json_atomic
 from pertoken.errors import UserError
-from pertoken.speculative.draft_train import (check_output, start_output, training_tokens,
-                                              validate_common)
-from pertoken.speculative.eagle import EagleHead, FeatureCapture, vocab_by_frequency
+from pertoken.speculative.draft_train import (check_output, same_settings, start_output,
+                                              training_tokens, validate_common)
+from pertoken.speculative.eagle import (EagleHead, FeatureCapture, check_feature_layers,
+                                        vocab_by_frequency)
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +58,25 @@ class EagleTrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     self_chat: int = 0
+    feature_layers: str = ""
+    """decoder layers whose normalised outputs join the final feature, comma-separated (empty:
+    the final feature alone)"""
 
     def validate(self) -> None:
         validate_common(self, ("vocab", "data_tokens"))
+        self.layers  # noqa: B018 (parses, or raises UserError)
 
     @property
     def steps(self) -> int:
         return max(1, math.ceil(self.train_tokens / (self.seq_len * self.batch_size)))
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        try:
+            return tuple(int(i) for i in self.feature_layers.split(",") if i.strip())
+        except ValueError:
+            raise UserError("feature layers must be comma-separated integers, got "
+                            f"{self.feature_layers!r}") from None
 
 
 def _lr(step: int, cfg: EagleTrainConfig) -> float:
@@ -76,8 +90,9 @@ _TEACHER_FIELDS = {"features": np.float16, "top_values": np.float16, "top_ids": 
 @torch.inference_mode()
 def teacher_pass(target, sequences: torch.Tensor, top_k: int, folder: str | Path,
                  batch_size: int = 8, progress: bool = True,
-                 flush_seconds: float = 60.0) -> dict:
-    """The target's features (float16) and top-``top_k`` logits on every sequence, run on the
+                 flush_seconds: float = 60.0, feature_layers: tuple[int, ...] = ()) -> dict:
+    """The target's features (float16; :class:`FeatureCapture`'s, with ``feature_layers``)
+    and top-``top_k`` logits on every sequence, run on the
     target's device and written to ``.npy`` files in ``folder`` (memory-mapped: 5M tokens of
     SmolLM2 features are 6 GB). ``progress.json`` there records how many sequences are done;
     it is written after the arrays are flushed, at most every ``flush_seconds``, so an
@@ -89,7 +104,8 @@ def teacher_pass(target, sequences: torch.Tensor, top_k: int, folder: str | Path
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n, length = sequences.shape
-    shapes = {"features": (n, length, target.config.hidden_size),
+    width = target.config.hidden_size * (len(feature_layers) + 1)
+    shapes = {"features": (n, length, width),
               "top_values": (n, length, top_k), "top_ids": (n, length, top_k)}
     record = folder / "progress.json"
     done = json.loads(record.read_text())["sequences"] if record.exists() else 0
@@ -108,7 +124,7 @@ def teacher_pass(target, sequences: torch.Tensor, top_k: int, folder: str | Path
     if done < n:
         if done:
             log.info("teacher pass: resuming after %d of %d sequences", done, n)
-        capture = FeatureCapture(target)
+        capture = FeatureCapture(target, feature_layers)
         last = time.monotonic()
         try:
             bar = tqdm(total=n, initial=done, desc="teacher pass", disable=not progress,
@@ -180,6 +196,7 @@ def train_eagle(target, tokenizer, documents, out: str | Path, cfg: EagleTrainCo
     from tqdm.auto import tqdm
 
     cfg.validate()
+    check_feature_layers(target, cfg.layers)
     out = Path(out)
     check_output(out, resume, cfg)
     state_dir = start_output(out, cfg)
@@ -194,7 +211,8 @@ def train_eagle(target, tokenizer, documents, out: str | Path, cfg: EagleTrainCo
     sequences = torch.from_numpy(tokens[: n_seq * length].astype(np.int64)).view(n_seq, length)
     data = {"sequences": sequences,
             **teacher_pass(target, sequences, cfg.top_k, state_dir / "teacher", progress=progress,
-                           batch_size=64 if target.device.type == "cuda" else 8)}
+                           batch_size=64 if target.device.type == "cuda" else 8,
+                           feature_layers=cfg.layers)}
     n_seq = sequences.shape[0]
     eos = [t for t in {tokenizer.eos_token_id, target.config.eos_token_id}
            if isinstance(t, int) and t >= 0]
@@ -206,18 +224,18 @@ def train_eagle(target, tokenizer, documents, out: str | Path, cfg: EagleTrainCo
 
     torch.manual_seed(cfg.seed)
     target = target.float()
-    head = EagleHead(target, vocab).to(device)
+    head = EagleHead(target, vocab, cfg.layers).to(device)
     width = target.config.hidden_size
-    with torch.no_grad():  # start as "the feature passes through", token part small
+    with torch.no_grad():  # start as "the final feature passes through", token part small
         head.fc.weight.zero_()
-        head.fc.weight[:, width:] = torch.eye(width, device=device)
+        head.fc.weight[:, -width:] = torch.eye(width, device=device)
         head.fc.weight[:, :width].normal_(0, 0.02)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0)
     step, history = 0, []
     if resume and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False, map_location="cpu")
-        if state["config"] != asdict(cfg):
+        if not same_settings(state["config"], cfg):
             raise UserError(f"{out} was trained with other settings; resume with the same flags")
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])

@@ -215,7 +215,7 @@ def generate(target, draft, input_ids: list[int], method: str = "dyspec", budget
     eagle = method != "ar" and isinstance(draft, EagleHead)
     if draft_temperature is None:
         draft_temperature = 1.0 if eagle else 0.6
-    capture = FeatureCapture(target) if eagle else None
+    capture = FeatureCapture(target, draft.feature_layers) if eagle else None
     try:
         target_cache = _prefill(target, prefix)
         if method == "ar":
