@@ -71,12 +71,16 @@ class FeatureCapture:
             handle.remove()
 
 
-def decoder_layers(target) -> nn.ModuleList:
-    layers = getattr(getattr(target, "model", None), "layers", None)
-    if layers is None:
-        raise UserError(f"{type(target).__name__} has no model.layers: the EAGLE head supports "
+def _model_part(target, name: str):
+    part = getattr(getattr(target, "model", None), name, None)
+    if part is None:
+        raise UserError(f"{type(target).__name__} has no model.{name}: the EAGLE head supports "
                         "Llama-family models")
-    return layers
+    return part
+
+
+def decoder_layers(target) -> nn.ModuleList:
+    return _model_part(target, "layers")
 
 
 def check_feature_layers(target, layers: Sequence[int]) -> tuple[int, ...]:
@@ -92,11 +96,7 @@ def check_feature_layers(target, layers: Sequence[int]) -> tuple[int, ...]:
 
 
 def final_norm(target) -> nn.Module:
-    norm = getattr(getattr(target, "model", None), "norm", None)
-    if norm is None:
-        raise UserError(f"{type(target).__name__} has no model.norm: the EAGLE head supports "
-                        "Llama-family models")
-    return norm
+    return _model_part(target, "norm")
 
 
 class EagleHead(nn.Module):
