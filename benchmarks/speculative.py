@@ -72,8 +72,8 @@ def ensure_eagle(folder: Path, target: str, device: str = "auto") -> None:
 def _cell_name(args, prompts: str, dtype: str) -> str:
     """The cell's file stem: its prompts and dtype, and the drafting options that change it."""
     name = f"cell-{prompts.replace(':', '-')}-{dtype}"
-    if args.fp16_draft:
-        name += "-fp16draft"
+    if not args.fp16_draft:
+        name += "-fp32draft"
     if args.draft_temperature is not None:
         name += f"-dt{args.draft_temperature:g}"
     return name
@@ -91,8 +91,7 @@ def run_cell(args, work: Path, prompts: str, dtype: str) -> dict:
            "--dtype", dtype, "--threads", str(args.threads), "--json", str(out)]
     if args.calibrate:
         cmd.append("--calibrate")
-    if args.fp16_draft:
-        cmd.append("--fp16-draft")
+    cmd.append("--fp16-draft" if args.fp16_draft else "--no-fp16-draft")
     if args.draft_temperature is not None:
         cmd += ["--draft-temperature", str(args.draft_temperature)]
     log = work / f"{_cell_name(args, prompts, dtype)}.log"
@@ -147,7 +146,7 @@ def main() -> None:
     parser.add_argument("--methods", default="ar,hf-ar,chain,tree,dyspec,dyspec-heap,hf-assisted")
     parser.add_argument("--calibrate", action="store_true",
                         help="DySpec values from the online acceptance calibration")
-    parser.add_argument("--fp16-draft", action="store_true",
+    parser.add_argument("--fp16-draft", action=argparse.BooleanOptionalAction, default=True,
                         help="drafts (ours and hf-assisted's) on float16 weights")
     parser.add_argument("--draft-temperature", type=float, default=None,
                         help="the drafts' temperature (default: bench's)")

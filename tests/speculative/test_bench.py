@@ -89,14 +89,14 @@ def test_cli_bench_writes_json_and_rejects_bad_input(tmp_path, models):
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     assert [r["method"] for r in result["results"]] == ["ar", "dyspec"]
-    assert result["fp16_draft"] is False
+    assert result["fp16_draft"] is True  # the default
     done = subprocess.run(base + ["--methods", "ar,dyspec", "--budgets", "2", "--temperatures",
-                                  "0", "--fp16-draft", "--draft-temperature", "1.5", "--json",
+                                  "0", "--no-fp16-draft", "--draft-temperature", "1.5", "--json",
                                   str(out)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
-    assert result["fp16_draft"] is True and result["draft_temperature"] == 1.5
+    assert result["fp16_draft"] is False and result["draft_temperature"] == 1.5
     assert result["results"][1]["same_output_as_ar"]
     for bad, needle in ((["--methods", "ar,nope"], "nope"), (["--budgets", "0"], "budget"),
                         (["--temperatures", "-1"], "temperature"), (["--top-p", "0"], "top-p"),

@@ -276,9 +276,10 @@ def _add_pair_and_drafting(p, default_model: str) -> None:
                    help="the draft's softmax temperature, which shapes the tree and (when "
                         "sampling) the drafts' law (default 1.0 for an EAGLE head, 0.6 for a "
                         "draft model); the output law stays the target's")
-    p.add_argument("--fp16-draft", action=argparse.BooleanOptionalAction, default=False,
-                   help="keep the draft's (and bench's --assistant's) weights in float16 "
-                        "(float32 CPU drafts; faster draft calls, the output is unchanged)")
+    p.add_argument("--fp16-draft", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the draft's (and bench's --assistant's) weights in float16: "
+                        "float32 CPU drafts only; faster draft calls, the same drafts, the "
+                        "output unchanged (default: on)")
 
 
 def add_commands(commands, parser_class, positive_int) -> None:
