@@ -385,7 +385,7 @@ def train_draft(target, tokenizer, documents, out: str | Path, cfg: DraftTrainCo
     history: list[dict] = []
     if resume and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False, map_location="cpu")
-        if state["config"] != asdict(cfg):
+        if not same_settings(state["config"], cfg):
             raise UserError(f"{out} was trained with other settings; resume with the same flags")
         draft.load_state_dict(state["draft"])
         optimizer.load_state_dict(state["optimizer"])
