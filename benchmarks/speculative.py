@@ -81,10 +81,21 @@ def _cell_name(args, prompts: str, dtype: str) -> str:
     return name
 
 
+def _same_drafting(cell: dict, args) -> bool:
+    """Whether a finished cell ran with ``args``' drafts and drafting options (a cell from
+    before float16 drafts records no ``fp16_draft``: it drafted in float32)."""
+    return (cell.get("draft") == str(args.draft) and cell.get("assistant") == str(args.assistant)
+            and cell.get("calibrate") == args.calibrate
+            and cell.get("fp16_draft", False) == args.fp16_draft
+            and cell.get("draft_temperature") == args.draft_temperature)
+
+
 def run_cell(args, work: Path, prompts: str, dtype: str) -> dict:
     out = work / f"{_cell_name(args, prompts, dtype)}.json"
     if out.is_file() and not args.fresh:
-        return json.loads(out.read_text())
+        cell = json.loads(out.read_text())
+        if _same_drafting(cell, args):
+            return cell
     cmd = [sys.executable, "-m", "pertoken", "speculative", "bench", "--model", args.model,
            "--draft", str(args.draft), "--assistant", str(args.assistant),
            "--methods", args.methods, "--budgets", args.budgets,
