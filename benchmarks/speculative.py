@@ -81,20 +81,32 @@ def _cell_name(args, prompts: str, dtype: str) -> str:
     return name
 
 
-def _same_drafting(cell: dict, args) -> bool:
-    """Whether a finished cell ran with ``args``' drafts and drafting options (a cell from
-    before float16 drafts records no ``fp16_draft``: it drafted in float32)."""
+def _same_run(cell: dict, args) -> bool:
+    """Whether a finished cell ran with ``args``' drafts, drafting options, threads, lengths
+    and grid of methods, budgets and temperatures (a cell from before float16 drafts records
+    no ``fp16_draft``: it drafted in float32)."""
+    rows = cell.get("results", [])
+    ran = {r["method"] for r in rows}
+    budgets = {("auto" if r.get("auto_budget") else str(r["budget"])) for r in rows
+               if r["budget"] is not None}
     return (cell.get("draft") == str(args.draft) and cell.get("assistant") == str(args.assistant)
             and cell.get("calibrate") == args.calibrate
             and cell.get("fp16_draft", False) == args.fp16_draft
-            and cell.get("draft_temperature") == args.draft_temperature)
+            and cell.get("draft_temperature") == args.draft_temperature
+            and cell.get("threads") == args.threads
+            and cell.get("max_new_tokens") == args.max_new_tokens
+            and cell.get("repeats") == args.repeats
+            and ran == set(args.methods.split(","))
+            and budgets == set(args.budgets.split(","))
+            and {r["temperature"] for r in rows} == {float(t) for t in
+                                                     args.temperatures.split(",")})
 
 
 def run_cell(args, work: Path, prompts: str, dtype: str) -> dict:
     out = work / f"{_cell_name(args, prompts, dtype)}.json"
     if out.is_file() and not args.fresh:
         cell = json.loads(out.read_text())
-        if _same_drafting(cell, args):
+        if _same_run(cell, args):
             return cell
     cmd = [sys.executable, "-m", "pertoken", "speculative", "bench", "--model", args.model,
            "--draft", str(args.draft), "--assistant", str(args.assistant),

@@ -37,6 +37,11 @@ def test_bench_rows_are_consistent_and_greedy_outputs_agree(models):
         assert len(row["tokens_per_second_runs"]) == 2
     methods = {(r["method"], r["auto_budget"]) for r in rows}
     assert ("dyspec", True) in methods and ("hf-assisted", False) in methods
+    from pertoken.speculative.bench import AUTO_MAX_BUDGET
+
+    sized = next(r for r in rows if r["method"] == "dyspec" and r["auto_budget"]
+                 and r["temperature"] == 0)  # greedy DySpec sizes each tree up to the cap
+    assert sized["budget"] == AUTO_MAX_BUDGET and 1 <= sized["mean_tree_size"] <= AUTO_MAX_BUDGET
     assert json.loads(json.dumps(result)) == result
 
 

@@ -139,7 +139,11 @@ def test_cli_generate_streams_text_and_rejects_bad_settings(tmp_path, models, ca
     args = ["speculative", "generate", "--model", str(tmp_path / "target"), "--draft",
             str(tmp_path / "draft"), "--prompt", "hello", "--max-new-tokens", "12"]
     assert main(args) == 0
-    assert len(capsys.readouterr().out) > 0
+    text = capsys.readouterr().out
+    assert len(text) > 0
+    # --budget auto at T=0 sizes each tree from the measured costs: the same greedy text
+    assert main(args + ["--budget", "auto"]) == 0
+    assert capsys.readouterr().out == text
     for bad, needle in ((["--budget", "0"], "budget"), (["--temperature", "-1"], "temperature"),
                         (["--top-p", "2"], "top-p"), (["--lookup", "-1"], "lookup"),
                         (["--draft-temperature", "-1"], "draft temperature")):
@@ -162,3 +166,36 @@ def test_greedy_dyspec_grafts_prompt_lookup_drafts(models):
                        lookup=0)
     assert with_lookup.tokens == without.tokens == want
     assert with_lookup.tokens_per_call > without.tokens_per_call + 1
+
+
+@pytest.mark.parametrize("costs", [{1: 0.05, 2: 0.06, 9: 0.08, 17: 0.1},  # a CPU-like curve
+                                   {1: 1.0, 64: 1.0},  # flat: the whole budget
+                                   {1: 0.01, 2: 1.0}])  # steep: one candidate per step
+def test_greedy_dyspec_with_sized_trees_stays_exact(models, costs):
+    """Per-step tree sizes (``tree_costs``), with prompt lookup, EOS inside trees and a draft
+    equal to the target: token-identical to plain greedy, trees within the budget."""
+    target, other = models
+    rng = random.Random(3)
+    plain = generate(target, None, [7, 8, 9], method="ar", max_new_tokens=40).tokens
+    prompts = [[rng.randrange(4, 260) for _ in range(rng.randrange(1, 12))] for _ in range(3)]
+    prompts.append([7, 8, 9] + plain[:30] + [7, 8, 9])  # prompt lookup finds repeats
+    for prompt in prompts:
+        want = generate(target, None, prompt, method="ar", max_new_tokens=20).tokens
+        eos = want[4]
+        stop = want.index(eos) + 1
+        for draft in (target, other):
+            for budget in (2, 8, 16):
+                out = generate(target, draft, prompt, method="dyspec", budget=budget,
+                               max_new_tokens=20, tree_costs=costs)
+                assert out.tokens == want, (prompt, budget)
+                assert all(s.tree_size <= budget for s in out.steps)
+                sizes = [s.tree_size for s in out.steps]
+                if costs[1] == 1.0:  # everything helps: the fixed-budget trees
+                    fixed = generate(target, draft, prompt, method="dyspec", budget=budget,
+                                     max_new_tokens=20)
+                    assert sizes == [s.tree_size for s in fixed.steps]
+                elif costs[2] == 1.0:  # one candidate, and the lookup tokens grafted besides
+                    assert max(sizes) <= 1 + min(4, budget - 1)
+                out = generate(target, draft, prompt, method="dyspec", budget=budget,
+                               max_new_tokens=20, tree_costs=costs, eos_token_id=eos)
+                assert out.tokens == want[:stop]

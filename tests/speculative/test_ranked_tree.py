@@ -133,3 +133,78 @@ def test_graft_chain_reuses_drafted_nodes_and_stops_at_eos():
     for i in range(1, len(tree)):  # ``origin`` still maps the tree into the drafted one
         assert drafted.tokens[origin[i]] == tree.tokens[i]
         assert origin[tree.parents[i]] == drafted.parents[origin[i]]
+
+
+def _rate_reference(values, tree_sizes, costs, scale, draft_seconds):
+    """The best ``k`` by the sizing objective, from trees built and grafted for every ``k``
+    (``tree_sizes[k - 1]``: drafted nodes of that tree), with costs interpolated by numpy."""
+    import numpy as np
+
+    sizes = sorted(costs)
+    rates = []
+    for k in range(1, len(values) + 1):
+        n = tree_sizes[k - 1] + 1
+        if n <= sizes[-1]:
+            seconds = float(np.interp(n, sizes, [costs[s] for s in sizes]))
+        else:  # beyond the last size, along the last segment
+            a, b = sizes[-2], sizes[-1]
+            seconds = costs[b] + (costs[b] - costs[a]) * (n - b) / (b - a)
+        rates.append((1 + scale * sum(values[:k])) / (seconds + draft_seconds))
+    return 1 + max(range(len(rates)), key=lambda i: (rates[i], -i))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_tree_sizer_picks_the_best_rate_over_every_grafted_tree(seed):
+    import copy
+    import random
+
+    from pertoken.speculative.draft_tree import (TreeSizer, chosen_tree, graft_chain,
+                                                 ranked_candidates)
+    from pertoken.speculative.generate import _chain_ranks
+
+    rng = random.Random(seed)
+    drafted, order, values = ranked_candidates(99, _draft_fn(seed, []), 12, width=3,
+                                               max_depth=5, min_value=0.0)
+    assert values == sorted(values, reverse=True) and len(order) == len(values) == 12
+    # a chain that follows drafted nodes for a while, then leaves them (or hits an EOS)
+    node, chain = 0, []
+    for _ in range(rng.randrange(0, 5)):
+        kids = drafted.children[node]
+        if not kids or rng.random() < 0.3:
+            break
+        node = rng.choice(kids)
+        chain.append(drafted.tokens[node])
+    chain += [rng.randrange(VOCAB) for _ in range(rng.randrange(0, 3))]
+    eos = {chain[-1]} if chain and seed % 3 == 0 else set()
+    grown = []
+    for k in range(1, len(order) + 1):
+        tree, origin = chosen_tree(drafted, sorted(order[:k]))
+        graft_chain(tree, copy.deepcopy(drafted), origin, chain, tuple(eos))
+        grown.append(len(tree) - 1)
+    steps = sorted(rng.sample(range(1, 40), 5))
+    costs = {n: 0.05 + 0.002 * n + rng.random() * 0.004 for n in steps}
+    sizer = TreeSizer(costs)
+    sizer.observe(predicted=3.0, accepted=rng.randrange(0, 8), draft_seconds=rng.random() / 100)
+    ranks = _chain_ranks(drafted, order, chain, eos)
+    want = _rate_reference(values, grown, sizer.target_costs, sizer.scale, sizer.draft_seconds)
+    assert sizer.choose(values, ranks) == want
+
+
+def test_tree_sizer_grows_with_cheap_passes_and_a_well_calibrated_draft():
+    from pertoken.speculative.draft_tree import TreeSizer
+
+    values = [0.9, 0.7, 0.5, 0.3, 0.2, 0.1]
+    assert TreeSizer({1: 1.0, 64: 1.0}).choose(values) == 6  # flat costs: everything helps
+    assert TreeSizer({1: 1.0, 2: 100.0}).choose(values) == 1  # a second token costs too much
+    sizer = TreeSizer({1: 0.05, 2: 0.06, 16: 0.3})
+    before = sizer.choose(values)
+    sizer.observe(predicted=1.0, accepted=5, draft_seconds=0.0)  # accepts more than predicted
+    assert sizer.scale == pytest.approx(9 / 5)
+    assert sizer.choose(values) > before
+    sizer.observe(predicted=20.0, accepted=0, draft_seconds=0.0)
+    assert sizer.choose(values) < before
+    with pytest.raises(ValueError):
+        TreeSizer({})
+    # measured costs that dip are fitted non-decreasing (pooled with their neighbours)
+    assert TreeSizer({1: 1.0, 2: 3.0, 4: 2.0, 8: 5.0}).target_costs == {1: 1.0, 2: 2.5, 4: 2.5,
+                                                                         8: 5.0}

@@ -164,6 +164,17 @@ def _machine_key(name: str, model) -> str:
 
 COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
+AUTO_MAX_BUDGET = 16
+"""Greedy DySpec with ``--budget auto`` sizes each tree
+(:class:`~pertoken.speculative.draft_tree.TreeSizer`) up to this many
+drafted tokens (on SmolLM2 with its EAGLE head, a cap of 24 brought no more)."""
+
+
+def sizes_trees(method: str, temperature: float, calibrate: bool = False) -> bool:
+    """Whether ``--budget auto`` sizes each tree for ``method`` (greedy DySpec's ranked tree)
+    rather than choosing one budget from the measured acceptance."""
+    return method == "dyspec" and temperature == 0 and not calibrate
+
 
 def cost_curve(target, draft, target_name: str, draft_name: str, refresh: bool = False) -> dict:
     """``{"target": {N: s}, "draft": s}`` for this machine, model, dtype and thread count,
@@ -189,17 +200,6 @@ def cost_curve(target, draft, target_name: str, draft_name: str, refresh: bool =
     return {"target": data["target"], "draft": data["draft"]}
 
 
-def _interpolate(costs: dict, n: int) -> float:
-    sizes = sorted(costs)
-    if n <= sizes[0]:
-        return costs[sizes[0]]
-    for lo, hi in zip(sizes, sizes[1:]):
-        if n <= hi:
-            return costs[lo] + (costs[hi] - costs[lo]) * (n - lo) / (hi - lo)
-    lo, hi = sizes[-2], sizes[-1]
-    return costs[hi] + (costs[hi] - costs[lo]) * (n - hi) / (hi - lo)
-
-
 def choose_budget(costs: dict, acceptance: Sequence[float], max_budget: int = 64) -> tuple[int, list[dict]]:
     """The tree budget with the most expected tokens per second.
 
@@ -207,7 +207,7 @@ def choose_budget(costs: dict, acceptance: Sequence[float], max_budget: int = 64
     tree for the measured ``acceptance`` vector, and a step costs one target pass over ``N + 1``
     tokens plus one draft call per tree layer.
     """
-    from pertoken.speculative.draft_tree import expected_accepted, static_shape
+    from pertoken.speculative.draft_tree import expected_accepted, interpolate_cost, static_shape
     from pertoken.speculative.tree import depths
 
     rows = []
@@ -215,7 +215,7 @@ def choose_budget(costs: dict, acceptance: Sequence[float], max_budget: int = 64
         shape = static_shape(acceptance, n)
         depth = depths(shape)
         tokens = 1 + expected_accepted(acceptance, shape)
-        seconds = _interpolate(costs["target"], n + 1) + max(depth) * costs["draft"]
+        seconds = interpolate_cost(costs["target"], n + 1) + max(depth) * costs["draft"]
         rows.append({"budget": n, "expected_tokens_per_call": tokens,
                      "expected_tokens_per_second": tokens / seconds})
     best = max(rows, key=lambda r: r["expected_tokens_per_second"])
@@ -381,7 +381,11 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
             if method == "hf-assisted":
                 budgets = [None] + [b for b in budgets if b != "auto"]  # None: HF's defaults
             for b in budgets:
-                configs.append((method, auto[t] if b == "auto" else b, t, b == "auto"))
+                if b == "auto":
+                    b = AUTO_MAX_BUDGET if sizes_trees(method, t, cfg.calibrate) else auto[t]
+                    configs.append((method, b, t, True))
+                else:
+                    configs.append((method, b, t, False))
     shapes = {c: static_shape(acceptance[c[2]], c[1]) for c in configs if c[0] == "tree"}
     # DySpec's calibration (draft share -> acceptance) is learnt on the calibration prompts
     # first, as a running server would have it; every timed run starts from that state
@@ -396,7 +400,8 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
                          draft_temperature=cfg.draft_temperature)
 
     runs: dict[tuple, list[dict]] = {
-        c: [{"tokens": 0, "calls": 0, "seconds": 0.0, "histogram": Counter(), "outputs": []}
+        c: [{"tokens": 0, "calls": 0, "seconds": 0.0, "histogram": Counter(), "outputs": [],
+             "tree_sizes": []}
             for _ in range(cfg.repeats)] for c in configs}
     bar = tqdm(total=cfg.repeats * len(configs) * len(prompts), desc="speculative bench",
                disable=not progress, unit="gen")
@@ -419,8 +424,11 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
                                    max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
                                    seed=seed, tree_shape=shapes.get(config),
                                    calibration=copy.deepcopy(calibrations.get(config, False)),
-                                   lookup=cfg.lookup, draft_temperature=cfg.draft_temperature)
+                                   lookup=cfg.lookup, draft_temperature=cfg.draft_temperature,
+                                   tree_costs=(costs["target"] if config[3] and sizes_trees(
+                                       method, t, cfg.calibrate) else None))
                     tokens, n_calls = out.tokens, len(out.steps)
+                    run["tree_sizes"] += [s.tree_size for s in out.steps]
                     accepted = [s.accepted for s in out.steps]
                 run["seconds"] += time.perf_counter() - start
                 run["tokens"] += len(tokens)
@@ -444,6 +452,8 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
                "tokens_per_second": tps, "auto_budget": is_auto,
                "tokens": reps[0]["tokens"], "target_calls": reps[0]["calls"],
                "accepted_histogram": reps[0]["histogram"],
+               "mean_tree_size": (statistics.mean(reps[0]["tree_sizes"])
+                                  if reps[0]["tree_sizes"] else None),
                "tokens_per_second_runs": [r["tokens"] / r["seconds"] for r in reps]}
         if t == 0:
             row["same_output_as_ar"] = None

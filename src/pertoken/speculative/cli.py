@@ -69,13 +69,19 @@ def _generate(args) -> int:
         torch.set_num_threads(args.threads)
     target, tokenizer, draft = _load_pair(args.model, args.draft if args.method != "ar" else None,
                                           args.dtype, args.fp16_draft)
-    budget = args.budget
-    if budget == "auto":
-        from pertoken.speculative.bench import auto_budget
+    budget, tree_costs = args.budget, None
+    if budget == "auto" and draft is None:
+        budget = 1
+    elif budget == "auto":
+        from pertoken.speculative.bench import (AUTO_MAX_BUDGET, auto_budget, cost_curve,
+                                                sizes_trees)
 
-        budget = auto_budget(target, draft, tokenizer, args.model, args.draft, args.temperature,
-                             args.top_k, args.top_p,
-                             args.draft_temperature) if draft is not None else 1
+        if sizes_trees(args.method, args.temperature, args.calibrate):
+            budget = AUTO_MAX_BUDGET
+            tree_costs = cost_curve(target, draft, args.model, args.draft)["target"]
+        else:
+            budget = auto_budget(target, draft, tokenizer, args.model, args.draft,
+                                 args.temperature, args.top_k, args.top_p, args.draft_temperature)
     if args.chat and tokenizer.chat_template:
         messages = [{"role": "user", "content": args.prompt}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -99,7 +105,8 @@ def _generate(args) -> int:
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                    seed=args.seed, calibration=args.calibrate, on_tokens=stream,
-                   lookup=args.lookup, draft_temperature=args.draft_temperature)
+                   lookup=args.lookup, draft_temperature=args.draft_temperature,
+                   tree_costs=tree_costs)
     seconds = time.perf_counter() - start
     sys.stdout.write("\n")
     print(f"[{len(out.tokens)} tokens in {len(out.steps)} target calls "
@@ -295,7 +302,9 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--budget", type=_budget, default=8,
-                   help="drafted tokens per step, or auto (measured on this machine)")
+                   help="drafted tokens per step, or auto: greedy dyspec sizes each tree from "
+                   "this machine's measured pass costs (up to 16), other methods take the "
+                   "budget those costs and the measured acceptance favour")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
