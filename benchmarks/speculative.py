@@ -220,6 +220,7 @@ def main() -> None:
                 k: r[k] for k in ("method", "budget", "temperature", "tokens_per_call",
                                   "tokens_per_second", "speedup_vs_ar")},
                 "auto": r.get("auto_budget", False),
+                "mean_tree_size": r.get("mean_tree_size"),
                 "same_as_ar": r.get("same_output_as_ar")})
         budgets = sorted({r["budget"] for r in cell["results"]
                           if isinstance(r["budget"], int) and not r.get("auto_budget")
@@ -254,7 +255,7 @@ def main() -> None:
               "auto_budget": {f"{c['prompts']} {c['dtype']}": c["auto_budget"] for c in results},
               "plots": plots}
     columns = ["prompts", "dtype", "method", "budget", "temperature", "tokens_per_call",
-               "tokens_per_second", "speedup_vs_ar", "auto", "same_as_ar"]
+               "tokens_per_second", "speedup_vs_ar", "auto", "mean_tree_size", "same_as_ar"]
     markdown = (f"# Speculative decoding: {args.model}\n\n"
                 f"Our methods draft with `{args.draft.name}` ({result['draft_kind']}); "
                 f"hf-assisted with `{args.assistant.name}`"
