@@ -6,8 +6,9 @@ that runs every method on the same prompts, interleaved (each prompt through eve
 turn, repeats outermost), and reports medians; ``--threads 1 --jobs 2`` runs two cells at once,
 one per core (each cell compares methods only within itself; on this CPU a tree pass then costs
 more against a decode step, so speed-ups come out lower: wiki-en, greedy DySpec with
-``--budget auto``, 1.38x ``ar`` at one thread beside another cell, 1.47x at two threads alone). Our methods draft with an EAGLE head (``--draft``); transformers' assisted
-generation, which needs a standalone model, drafts with the distilled 2-layer draft
+``--budget auto``, 1.38x ``ar`` at one thread beside another cell, 1.47x at two threads
+alone). Our methods draft with an EAGLE head (``--draft``); transformers' assisted generation,
+which needs a standalone model, drafts with the distilled 2-layer draft
 (``--assistant``). Without them, both are trained first with ``pertoken speculative
 train-draft`` (resumable stages, see ``ensure_draft`` and ``ensure_eagle``).
 

@@ -381,11 +381,10 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
             if method == "hf-assisted":
                 budgets = [None] + [b for b in budgets if b != "auto"]  # None: HF's defaults
             for b in budgets:
+                chosen = b
                 if b == "auto":
-                    b = AUTO_MAX_BUDGET if sizes_trees(method, t, cfg.calibrate) else auto[t]
-                    configs.append((method, b, t, True))
-                else:
-                    configs.append((method, b, t, False))
+                    chosen = AUTO_MAX_BUDGET if sizes_trees(method, t, cfg.calibrate) else auto[t]
+                configs.append((method, chosen, t, b == "auto"))
     shapes = {c: static_shape(acceptance[c[2]], c[1]) for c in configs if c[0] == "tree"}
     # DySpec's calibration (draft share -> acceptance) is learnt on the calibration prompts
     # first, as a running server would have it; every timed run starts from that state

@@ -22,7 +22,7 @@ from transformers import DynamicCache
 from pertoken.errors import UserError
 from pertoken.speculative.draft_tree import (Calibration, TreeSizer, chain_tree, chosen_tree,
                                              graft_chain, heap_tree, layered_heap_tree,
-                                             lookup_chain, ranked_candidates, ranked_tree,
+                                             lookup_chain, ranked_candidates,
                                              static_shape, static_tree, threshold_tree)
 from pertoken.speculative.eagle import EagleHead, EagleRunner, FeatureCapture
 from pertoken.speculative.methods import METHODS
@@ -265,14 +265,12 @@ def _loop(target, target_cache, runner, capture, method, root, budget, temperatu
         elif method == "dyspec" and greedy and calibration is None and threshold is None:
             runner.start(p)
             chain = lookup_chain(context, min(lookup, budget - 1))
-            if sizer is None:
-                tree, drafted, origin = ranked_tree(root, runner, budget - len(chain),
-                                                    eos_ids=tuple(eos))
-            else:
-                drafted, order, values = ranked_candidates(root, runner, budget - len(chain),
-                                                           eos_ids=tuple(eos))
-                k = sizer.choose(values, _chain_ranks(drafted, order, chain, eos))
-                tree, origin = chosen_tree(drafted, sorted(order[:k]))
+            drafted, order, values = ranked_candidates(root, runner, budget - len(chain),
+                                                       eos_ids=tuple(eos))
+            k = (len(order) if sizer is None  # ranked_tree's: every candidate
+                 else sizer.choose(values, _chain_ranks(drafted, order, chain, eos)))
+            tree, origin = chosen_tree(drafted, sorted(order[:k]))
+            if sizer is not None:
                 sized = (sum(values[:k]), len(tree))
             graft_chain(tree, drafted, origin, chain, tuple(eos))
         elif method == "dyspec" and threshold is None and not greedy:
