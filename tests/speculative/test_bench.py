@@ -6,8 +6,9 @@ import pytest
 
 from pertoken.errors import UserError
 from pertoken.models import tiny_llama
-from pertoken.speculative.bench import (BenchConfig, choose_budget, load_prompts,
-                                        measure_acceptance, run_bench)
+from pertoken.speculative.bench import (BenchConfig, choose_budget, choose_measured_budget,
+                                        load_prompts, measure_acceptance,
+                                        measure_tokens_per_call, run_bench)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,17 @@ def test_bench_rows_are_consistent_and_greedy_outputs_agree(models):
     sized = next(r for r in rows if r["method"] == "dyspec" and r["auto_budget"]
                  and r["temperature"] == 0)  # greedy DySpec sizes each tree up to the cap
     assert sized["budget"] == AUTO_MAX_BUDGET and 1 <= sized["mean_tree_size"] <= AUTO_MAX_BUDGET
+    # sampled DySpec's auto budget comes from its tokens per call measured at each budget
+    sampled = next(r for r in rows if r["method"] == "dyspec" and r["auto_budget"]
+                   and r["temperature"] == 1)
+    measured = result["measured_tokens_per_call"]["1.0"]
+    assert [m["budget"] for m in measured] == list(range(1, 13))
+    assert sampled["budget"] == result["auto_budget_dyspec_measured"]["1.0"]
+    costs = {"target": {int(k): v / 1000 for k, v in result["costs"]["target_ms"].items()}}
+    assert sampled["budget"] == choose_measured_budget(costs, measured)[0]
+    tree = next(r for r in rows if r["method"] == "tree" and r["auto_budget"]
+                and r["temperature"] == 1)
+    assert tree["budget"] == result["auto_budget"]["1.0"]  # the acceptance model's
     assert json.loads(json.dumps(result)) == result
 
 
@@ -71,6 +83,41 @@ def test_budget_follows_the_cost_curve():
     best, rows = choose_budget({"target": {1: 1.0, 8: 1.2, 16: 1.6, 64: 6.0}, "draft": 0.05},
                                acceptance)
     assert 1 < best < 64 and len(rows) == 64
+
+
+def test_measured_budget_against_a_hand_computation():
+    # target passes over 1..5 tokens; the measured 1.1 s at 3 tokens is below 2 tokens' 1.2:
+    # the non-decreasing fit pools them (1.15)
+    costs = {"target": {1: 1.0, 2: 1.2, 3: 1.1, 4: 1.6, 5: 1.7}}
+    measured = [{"budget": 1, "tokens_per_call": 1.4, "draft_seconds": 0.1},
+                {"budget": 2, "tokens_per_call": 1.8, "draft_seconds": 0.2},
+                {"budget": 3, "tokens_per_call": 1.7, "draft_seconds": 0.3},  # 1.7: pooled
+                {"budget": 4, "tokens_per_call": 2.0, "draft_seconds": 0.2}]  # 0.2: pooled
+    best, rows = choose_measured_budget(costs, list(reversed(measured)))
+    expected = [1.4 / (1.15 + 0.1), 1.75 / (1.15 + 0.2), 1.75 / (1.6 + 0.25),
+                2.0 / (1.7 + 0.25)]
+    assert [r["budget"] for r in rows] == [1, 2, 3, 4]
+    assert [r["expected_tokens_per_second"] for r in rows] == pytest.approx(expected)
+    assert [r["expected_tokens_per_call"] for r in rows] == pytest.approx([1.4, 1.75, 1.75, 2.0])
+    assert best == 2
+    with pytest.raises(ValueError):
+        choose_measured_budget(costs, [])
+
+
+def test_measured_tokens_per_call_are_those_of_generate(models):
+    from pertoken.speculative.generate import generate
+
+    target, draft, tok = models
+    prompts = load_prompts("chat:2", tok)
+    rows = measure_tokens_per_call(target, draft, prompts, "dyspec", 1.0, budgets=[2, 5],
+                                   max_new_tokens=10, seed=7)
+    for row in rows:
+        outs = [generate(target, draft, list(p), method="dyspec", budget=row["budget"],
+                         temperature=1.0, max_new_tokens=10, seed=7 + i)
+                for i, p in enumerate(prompts)]
+        steps = sum(len(o.steps) for o in outs)
+        assert row["tokens_per_call"] == sum(len(o.tokens) for o in outs) / steps
+        assert row["draft_seconds"] > 0
 
 
 @pytest.mark.parametrize("spec", ["wiki-en", "chat:0", "chat:x", "chat:100"])
@@ -124,3 +171,11 @@ def test_cost_curve_is_measured_once_and_cached(models, monkeypatch):
 
     monkeypatch.setattr(bench, "measure_tree_costs", fail)
     assert bench.cost_curve(target, draft, "t", "d") == first
+    # a curve cached before COST_SIZES grew lacks a size: it is measured again, and cached
+    monkeypatch.setattr(bench, "COST_SIZES", bench.COST_SIZES + (96,))
+    monkeypatch.setattr(bench, "measure_tree_costs",
+                        lambda model, sizes: {n: 0.001 * n for n in sizes if model is target})
+    again = bench.cost_curve(target, draft, "t", "d")
+    assert again["target"] == {n: 0.001 * n for n in bench.COST_SIZES}
+    monkeypatch.setattr(bench, "measure_tree_costs", fail)
+    assert bench.cost_curve(target, draft, "t", "d") == again

@@ -134,6 +134,27 @@ def test_self_chat_samples_whole_conversations_and_resumes(teacher, tmp_path, mo
         draft_train.self_chat(target, plain, 1, tmp_path / "x.jsonl", **kw)
 
 
+def test_self_chat_with_greedy_answers_matches_plain_greedy_decoding(teacher, tmp_path):
+    from pertoken.speculative.generate import generate
+
+    target, _ = teacher
+    _, tok = tiny_llama(seed=3)
+    tok.chat_template = CHATML
+    chats = draft_train.self_chat(target, tok, 3, tmp_path / "c.jsonl", batch_size=1,
+                                  question_tokens=5, answer_tokens=6, answer_temperature=0,
+                                  progress=False)
+    header, sep = "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+    for text in chats:
+        question = text[len(header):text.index(sep)]
+        prompt = list(tok.apply_chat_template([{"role": "user", "content": question}],
+                                              add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])
+        answer = generate(target, None, prompt, method="ar", max_new_tokens=6,
+                          eos_token_id=tok.eos_token_id).tokens
+        answer = answer[:-1] if answer and answer[-1] == tok.eos_token_id else answer
+        assert text == tok.decode(prompt + answer) + "<|im_end|>"
+
+
 def test_self_chat_comes_first_and_the_corpus_fills_the_rest(teacher, tmp_path, monkeypatch):
     target, tok = teacher
     calls = []

@@ -274,6 +274,34 @@ def test_eagle_training_learns_and_resumes_to_the_same_weights(tmp_path, monkeyp
         assert torch.allclose(x, y, atol=1e-6), name
 
 
+def test_init_fine_tunes_an_existing_head_and_keeps_its_vocabulary(tmp_path):
+    from pertoken.speculative.eagle_train import init_settings, train_eagle
+
+    target, tok = tiny_llama(seed=3, num_hidden_layers=2, hidden_size=32, intermediate_size=64)
+    train_eagle(target, tok, DOCS, tmp_path / "a", _eagle_cfg(feature_layers="0"), progress=False)
+    assert init_settings(tmp_path / "a") == {"feature_layers": "0", "vocab": 40}
+    other = [d.replace("quick brown fox", "slow red hen") for d in DOCS]  # another vocabulary
+    cfg = _eagle_cfg(feature_layers="0", lr=1e-12, init=str(tmp_path / "a"))
+    train_eagle(target, tok, other, tmp_path / "b", cfg, progress=False)
+    a, b = load_eagle(tmp_path / "a", target), load_eagle(tmp_path / "b", target)
+    fresh = train_eagle(target, tok, other, tmp_path / "c", _eagle_cfg(feature_layers="0"),
+                        progress=False)
+    assert fresh and load_eagle(tmp_path / "c", target).vocab.tolist() != a.vocab.tolist()
+    assert b.vocab.tolist() == a.vocab.tolist() and b.feature_layers == (0,)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x, y, atol=1e-6), name  # a negligible learning rate: unchanged
+    with pytest.raises(UserError, match="feature layers 0, not"):
+        train_eagle(target, tok, DOCS, tmp_path / "d", _eagle_cfg(init=str(tmp_path / "a")),
+                    progress=False)
+    with pytest.raises(UserError, match="drafts 40 tokens"):
+        train_eagle(target, tok, DOCS, tmp_path / "e",
+                    _eagle_cfg(vocab=50, feature_layers="0", init=str(tmp_path / "a")),
+                    progress=False)
+    with pytest.raises(UserError, match="not an EAGLE head"):
+        train_eagle(target, tok, DOCS, tmp_path / "f", _eagle_cfg(init=str(tmp_path)),
+                    progress=False)
+
+
 def test_eagle_losses_match_a_slow_reference():
     from pertoken.speculative.eagle_train import eagle_losses
 

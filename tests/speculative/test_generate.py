@@ -144,6 +144,12 @@ def test_cli_generate_streams_text_and_rejects_bad_settings(tmp_path, models, ca
     # --budget auto at T=0 sizes each tree from the measured costs: the same greedy text
     assert main(args + ["--budget", "auto"]) == 0
     assert capsys.readouterr().out == text
+    # sampled DySpec's auto budget: from its tokens per call measured at each budget, cached
+    from pertoken.models import cache_dir
+
+    assert main(args + ["--budget", "auto", "--temperature", "1"]) == 0
+    assert len(capsys.readouterr().out) > 0
+    assert len(list((cache_dir() / "speculative").glob("tokens-per-call-*.json"))) == 1
     for bad, needle in ((["--budget", "0"], "budget"), (["--temperature", "-1"], "temperature"),
                         (["--top-p", "2"], "top-p"), (["--lookup", "-1"], "lookup"),
                         (["--draft-temperature", "-1"], "draft temperature")):

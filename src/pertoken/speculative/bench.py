@@ -162,7 +162,10 @@ def _machine_key(name: str, model) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+COST_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 24, 32, 48, 64)
+"""Tree sizes whose pass is timed: every size up to 10, where a budget's cost is not linear
+(at two threads SmolLM2's pass over 5 tokens costs 3.5 ms more than over 4, over 3 as much as
+over 4), so interpolating from 2, 4 and 8 chose budgets 2 and 4 at T=1 where 3 runs faster."""
 
 AUTO_MAX_BUDGET = 16
 """Greedy DySpec with ``--budget auto`` sizes each tree
@@ -178,7 +181,8 @@ def sizes_trees(method: str, temperature: float, calibrate: bool = False) -> boo
 
 def cost_curve(target, draft, target_name: str, draft_name: str, refresh: bool = False) -> dict:
     """``{"target": {N: s}, "draft": s}`` for this machine, model, dtype and thread count,
-    measured once and cached under the pertoken cache."""
+    measured once and cached under the pertoken cache (measured again when the cached curve
+    lacks a size of :data:`COST_SIZES`)."""
     from pertoken.atomic import write_json_atomic
     from pertoken.models import cache_dir
     from pertoken.speculative.draft_train import decode_seconds
@@ -187,7 +191,9 @@ def cost_curve(target, draft, target_name: str, draft_name: str, refresh: bool =
             f"costs-{_machine_key(target_name, target)}-{_machine_key(draft_name, draft)}.json")
     if path.is_file() and not refresh:
         data = json.loads(path.read_text())
-        return {"target": {int(k): v for k, v in data["target"].items()}, "draft": data["draft"]}
+        curve = {int(k): v for k, v in data["target"].items()}
+        if set(COST_SIZES) <= set(curve):
+            return {"target": curve, "draft": data["draft"]}
     log.info("measuring the target's cost against tree size (once for this machine)")
     from pertoken.speculative.eagle import EagleHead, head_decode_seconds
 
@@ -205,46 +211,121 @@ def choose_budget(costs: dict, acceptance: Sequence[float], max_budget: int = 64
 
     For each budget N, the expected tokens per step are ``1 + E[accepted]`` of Sequoia's best
     tree for the measured ``acceptance`` vector, and a step costs one target pass over ``N + 1``
-    tokens plus one draft call per tree layer.
+    tokens (the non-decreasing fit of the measured costs) plus one draft call per tree layer.
     """
-    from pertoken.speculative.draft_tree import expected_accepted, interpolate_cost, static_shape
+    from pertoken.speculative.draft_tree import (expected_accepted, interpolate_cost,
+                                                 monotone_costs, static_shape)
     from pertoken.speculative.tree import depths
 
+    target = monotone_costs(costs["target"])
     rows = []
     for n in range(1, max_budget + 1):
         shape = static_shape(acceptance, n)
         depth = depths(shape)
         tokens = 1 + expected_accepted(acceptance, shape)
-        seconds = interpolate_cost(costs["target"], n + 1) + max(depth) * costs["draft"]
+        seconds = interpolate_cost(target, n + 1) + max(depth) * costs["draft"]
         rows.append({"budget": n, "expected_tokens_per_call": tokens,
                      "expected_tokens_per_second": tokens / seconds})
     best = max(rows, key=lambda r: r["expected_tokens_per_second"])
     return best["budget"], rows
 
 
+MEASURED_BUDGETS = tuple(range(1, 13))
+"""The budgets whose tokens per call ``--budget auto`` measures for sampled DySpec."""
+
+
+def measures_budget(method: str, temperature: float, calibrate: bool = False) -> bool:
+    """Whether ``--budget auto`` picks ``method``'s budget from its tokens per call measured at
+    each budget (:func:`choose_measured_budget`) rather than from the acceptance model: for
+    sampled DySpec, whose trees accept fewer tokens than the model of a static tree predicts
+    (SmolLM2's EAGLE head at T=1: 1.60 tokens per call at budget 3 and 1.70 at 6, where the
+    model predicts 1.91 and 2.15; it chose 4 or 7 where 3 runs fastest)."""
+    return method == "dyspec" and temperature > 0 and not calibrate
+
+
+def measure_tokens_per_call(target, draft, prompts: Sequence[Sequence[int]], method: str,
+                            temperature: float, budgets: Sequence[int] = MEASURED_BUDGETS,
+                            top_k: int = 0, top_p: float = 1.0, eos_token_id=None,
+                            max_new_tokens: int = 48, seed: int = 0,
+                            draft_temperature: float | None = None) -> list[dict]:
+    """For each budget, ``method``'s tokens per target call decoding ``prompts`` (seeded) and
+    its mean drafting seconds per step."""
+    from pertoken.speculative.generate import generate
+
+    rows = []
+    for budget in budgets:
+        tokens = steps = 0
+        drafting = 0.0
+        for i, prompt in enumerate(prompts):
+            out = generate(target, draft, list(prompt), method=method, budget=budget,
+                           temperature=temperature, top_k=top_k, top_p=top_p,
+                           max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                           seed=seed + i, draft_temperature=draft_temperature)
+            tokens += len(out.tokens)
+            steps += len(out.steps)
+            drafting += sum(step.draft_seconds for step in out.steps)
+        rows.append({"budget": int(budget), "tokens_per_call": tokens / max(steps, 1),
+                     "draft_seconds": drafting / max(steps, 1)})
+    return rows
+
+
+def choose_measured_budget(costs: dict, measured: Sequence[dict]) -> tuple[int, list[dict]]:
+    """The budget with the most expected tokens per second from tokens per call measured at each
+    budget (:func:`measure_tokens_per_call`): tokens per call and drafting seconds per step are
+    fitted non-decreasing in the budget (drafting more never accepts or costs less in
+    expectation; the fit smooths the sampling noise of a few prompts), and a step costs those
+    drafting seconds plus the target pass over ``budget + 1`` tokens (the non-decreasing fit
+    of ``costs["target"]``)."""
+    from pertoken.speculative.draft_tree import _isotonic, interpolate_cost, monotone_costs
+
+    if not measured:
+        raise ValueError("no measured budgets")
+    rows = sorted(measured, key=lambda r: r["budget"])
+    ones = [1.0] * len(rows)
+    tokens = _isotonic([r["tokens_per_call"] for r in rows], ones)
+    drafting = _isotonic([r["draft_seconds"] for r in rows], ones)
+    target = monotone_costs(costs["target"])
+    out = []
+    for row, t, d in zip(rows, tokens, drafting):
+        seconds = interpolate_cost(target, row["budget"] + 1) + d
+        out.append({"budget": row["budget"], "expected_tokens_per_call": t,
+                    "expected_tokens_per_second": t / seconds})
+    best = max(out, key=lambda r: r["expected_tokens_per_second"])
+    return best["budget"], out
+
+
 def auto_budget(target, draft, tokenizer, target_name: str, draft_name: str,
                 temperature: float, top_k: int = 0, top_p: float = 1.0,
-                draft_temperature: float | None = None) -> int:
-    """``--budget auto``: the budget from this machine's cost curve and the acceptance vector
-    measured on four wiki-en training prompts (both cached)."""
+                draft_temperature: float | None = None, method: str = "tree",
+                calibrate: bool = False) -> int:
+    """``--budget auto``: the budget from this machine's cost curve and, measured on four
+    wiki-en training prompts (cached), the acceptance vector or, where
+    :func:`measures_budget`, ``method``'s tokens per call at each budget."""
     from pertoken.atomic import write_json_atomic
     from pertoken.models import cache_dir
 
     costs = cost_curve(target, draft, target_name, draft_name)
+    measured = measures_budget(method, temperature, calibrate)
     settings = f"{temperature}|{top_k}|{top_p}" + (
         f"|{draft_temperature}" if draft_temperature is not None else "")
+    if measured:
+        settings += f"|{method}|{','.join(map(str, MEASURED_BUDGETS))}"
     key = hashlib.sha256(f"{target_name}|{draft_name}|{settings}".encode())
-    path = cache_dir() / "speculative" / f"acceptance-{key.hexdigest()[:16]}.json"
+    kind = "tokens-per-call" if measured else "acceptance"
+    path = cache_dir() / "speculative" / f"{kind}-{key.hexdigest()[:16]}.json"
     if path.is_file():
-        acceptance = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     else:
-        log.info("measuring the draft's acceptance (once for this pair of models)")
+        log.info("measuring the draft's %s (once for this pair of models)",
+                 "tokens per call at each budget" if measured else "acceptance")
         prompts = load_prompts("wiki-en:4", tokenizer, split="train")
-        acceptance = measure_acceptance(target, draft, prompts, temperature, top_k=top_k,
-                                        top_p=top_p, eos_token_id=tokenizer.eos_token_id,
-                                        draft_temperature=draft_temperature)
-        write_json_atomic(path, acceptance)
-    budget, _ = choose_budget(costs, acceptance)
+        common = dict(top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eos_token_id,
+                      draft_temperature=draft_temperature)
+        data = (measure_tokens_per_call(target, draft, prompts, method, temperature, **common)
+                if measured else measure_acceptance(target, draft, prompts, temperature, **common))
+        write_json_atomic(path, data)
+    budget, _ = (choose_measured_budget(costs, data) if measured
+                 else choose_budget(costs, data))
     log.info("auto budget: %d", budget)
     return budget
 
@@ -366,10 +447,18 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
                                                top_p=cfg.top_p, eos_token_id=eos,
                                                draft_temperature=cfg.draft_temperature)
             log.info("acceptance at T=%s: %s", t, [round(a, 3) for a in acceptance[t]])
+    measured, auto_measured = {}, {}  # sampled DySpec's tokens per call at each budget
     if "auto" in cfg.budgets:
         costs = cost_curve(target, draft, cfg.model, cfg.draft)
         for t in cfg.temperatures:
             auto[t] = choose_budget(costs, acceptance[t])[0]
+            if "dyspec" in cfg.methods and measures_budget("dyspec", t, cfg.calibrate):
+                measured[t] = measure_tokens_per_call(
+                    target, draft, calibration_prompts, "dyspec", t, top_k=cfg.top_k,
+                    top_p=cfg.top_p, eos_token_id=eos, draft_temperature=cfg.draft_temperature)
+                auto_measured[t] = choose_measured_budget(costs, measured[t])[0]
+                log.info("dyspec's auto budget at T=%s from measured tokens per call: %d", t,
+                         auto_measured[t])
 
     configs = []  # (method, budget, temperature, budget chosen by auto)
     for t in cfg.temperatures:
@@ -383,7 +472,9 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
             for b in budgets:
                 chosen = b
                 if b == "auto":
-                    chosen = AUTO_MAX_BUDGET if sizes_trees(method, t, cfg.calibrate) else auto[t]
+                    chosen = (AUTO_MAX_BUDGET if sizes_trees(method, t, cfg.calibrate)
+                              else auto_measured[t] if measures_budget(method, t, cfg.calibrate)
+                              else auto[t])
                 configs.append((method, chosen, t, b == "auto"))
     shapes = {c: static_shape(acceptance[c[2]], c[1]) for c in configs if c[0] == "tree"}
     # DySpec's calibration (draft share -> acceptance) is learnt on the calibration prompts
@@ -476,6 +567,8 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
             "draft_temperature": cfg.draft_temperature,
             "repeats": cfg.repeats, "acceptance": {str(k): v for k, v in acceptance.items()},
             "auto_budget": {str(k): v for k, v in auto.items()},
+            "auto_budget_dyspec_measured": {str(k): v for k, v in auto_measured.items()},
+            "measured_tokens_per_call": {str(k): v for k, v in measured.items()},
             "costs": ({"target_ms": {str(k): 1000 * v for k, v in costs["target"].items()},
                        "draft_ms": 1000 * costs["draft"]} if costs else None),
             "results": results}

@@ -81,7 +81,8 @@ def _generate(args) -> int:
             tree_costs = cost_curve(target, draft, args.model, args.draft)["target"]
         else:
             budget = auto_budget(target, draft, tokenizer, args.model, args.draft,
-                                 args.temperature, args.top_k, args.top_p, args.draft_temperature)
+                                 args.temperature, args.top_k, args.top_p, args.draft_temperature,
+                                 method=args.method, calibrate=args.calibrate)
     if args.chat and tokenizer.chat_template:
         messages = [{"role": "user", "content": args.prompt}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -131,17 +132,21 @@ def _train_draft(args) -> int:
                                                   train_draft)
 
     if args.kind == "eagle":
-        from pertoken.speculative.eagle_train import EagleTrainConfig
+        from pertoken.speculative.eagle_train import EagleTrainConfig, init_settings
 
-        if args.init:
-            raise UserError("--init is for --kind model drafts")
+        if args.init:  # the head's vocabulary and feature layers are kept (train_eagle checks)
+            fixed = init_settings(args.init)
+            args.feature_layers = args.feature_layers or fixed["feature_layers"]
+            args.vocab = fixed["vocab"]
         cfg = EagleTrainConfig(vocab=args.vocab, seq_len=args.seq_len,
                                batch_size=_default(args.batch_size, 16),
                                data_tokens=_default(args.data_tokens, 400_000),
                                train_tokens=_default(args.train_tokens, 2_400_000),
                                lr=_default(args.lr, 1e-3), top_k=_default(args.top_k, 16),
                                checkpoint_every=args.checkpoint_every, seed=args.seed,
-                               self_chat=args.self_chat, feature_layers=args.feature_layers)
+                               self_chat=args.self_chat,
+                               self_chat_temperature=args.self_chat_temperature,
+                               feature_layers=args.feature_layers, init=args.init or "")
     else:
         if args.feature_layers:
             raise UserError("--feature-layers is for --kind eagle heads")
@@ -152,12 +157,14 @@ def _train_draft(args) -> int:
                                train_tokens=_default(args.train_tokens, 3_000_000),
                                lr=_default(args.lr, 3e-3), top_k=_default(args.top_k, 64),
                                checkpoint_every=args.checkpoint_every, seed=args.seed,
-                               self_chat=args.self_chat, init=args.init or "")
+                               self_chat=args.self_chat,
+                               self_chat_temperature=args.self_chat_temperature,
+                               init=args.init or "")
     cfg.validate()
     check_output(args.output, args.resume, cfg)
     resolve(args.target)
     device = resolve_device(args.device)
-    if args.init and not Path(args.init, "config.json").is_file():
+    if args.kind == "model" and args.init and not Path(args.init, "config.json").is_file():
         raise UserError(f"--init {args.init}: not a draft folder (no config.json)")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -345,8 +352,12 @@ def add_commands(commands, parser_class, positive_int) -> None:
     p.add_argument("--self-chat", type=int, default=0, metavar="N",
                    help="first train on N conversations sampled from the target itself "
                         "(on-policy chat data; generated once, resumable)")
-    p.add_argument("--init", help="start from this draft folder (fine-tuning); the "
-                                  "architecture flags are then taken from it")
+    p.add_argument("--self-chat-temperature", type=float, default=0.8, metavar="T",
+                   help="temperature of the target's answers in those chats (0: greedy, the "
+                        "text greedy decoding produces; default 0.8)")
+    p.add_argument("--init", help="start from this draft folder or EAGLE head (fine-tuning); "
+                                  "the architecture flags (a head's vocabulary and feature "
+                                  "layers) are then taken from it")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
     p.add_argument("-o", "--output", required=True, help="folder for the draft")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")

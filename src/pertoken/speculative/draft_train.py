@@ -70,6 +70,8 @@ class DraftTrainConfig:
     seed: int = 0
     self_chat: int = 0
     """conversations sampled from the target itself (:func:`self_chat`) put before the corpus"""
+    self_chat_temperature: float = 0.8
+    """the temperature of the target's answers in those conversations (0: greedy)"""
     init: str = ""
     """a draft folder to start from (fine-tuning) instead of a fresh draft"""
 
@@ -97,6 +99,8 @@ def validate_common(cfg, names: tuple[str, ...] = ()) -> None:
         raise UserError(f"learning rate must be positive, got {cfg.lr}")
     if cfg.self_chat < 0:
         raise UserError(f"self-chat must be >= 0, got {cfg.self_chat}")
+    if not cfg.self_chat_temperature >= 0:
+        raise UserError(f"self-chat temperature must be >= 0, got {cfg.self_chat_temperature}")
 
 
 def training_tokens(target, tokenizer, documents, cfg, total: int, path: Path,
@@ -109,7 +113,8 @@ def training_tokens(target, tokenizer, documents, cfg, total: int, path: Path,
     if cfg.self_chat:
         chats = self_chat(target, tokenizer, cfg.self_chat, path.parent / "self-chat.jsonl",
                           batch_size=256 if target.device.type == "cuda" else 32,
-                          seed=cfg.seed, progress=progress)
+                          answer_temperature=cfg.self_chat_temperature, seed=cfg.seed,
+                          progress=progress)
         parts.append(tokenize_corpus(tokenizer, chats, total, cfg.max_doc_tokens, cfg.seed))
     left = total - sum(p.size for p in parts)
     if left > 0:
@@ -193,9 +198,11 @@ def _chat_prefix(tokenizer) -> str:
 @torch.inference_mode()
 def self_chat(target, tokenizer, conversations: int, path: str | Path, batch_size: int = 32,
               question_tokens: int = 64, answer_tokens: int = 192, temperature: float = 0.8,
-              seed: int = 0, progress: bool = True) -> list[str]:
+              answer_temperature: float | None = None, seed: int = 0,
+              progress: bool = True) -> list[str]:
     """Sample ``conversations`` chats from the target itself: a user question (sampled after
-    the template's user header), then the target's answer to it in the chat template. This is
+    the template's user header, at ``temperature``), then the target's answer to it in the chat
+    template (at ``answer_temperature``, by default ``temperature``; 0 is greedy). This is
     on-policy data for chat prompts without any dataset. After each batch the JSONL file
     ``path`` is rewritten atomically with every conversation so far, so an interrupted run
     resumes where it stopped. Sampling runs on the target's device (on a GPU, give a larger
@@ -213,14 +220,16 @@ def self_chat(target, tokenizer, conversations: int, path: str | Path, batch_siz
     bar = tqdm(total=conversations, initial=len(done), desc="self-chat", disable=not progress,
                unit="chat")
 
-    def sample(prompts: list[list[int]], new_tokens: int, batch_seed: int) -> list[list[int]]:
+    def sample(prompts: list[list[int]], new_tokens: int, batch_seed: int,
+               t: float = temperature) -> list[list[int]]:
         width = max(map(len, prompts))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=target.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
                             device=target.device)
         torch.manual_seed(batch_seed)
-        out = target.generate(input_ids=ids, attention_mask=mask, do_sample=True,
-                              temperature=temperature, top_k=50,
+        sampling = dict(do_sample=True, temperature=t, top_k=50) if t > 0 else dict(
+            do_sample=False, temperature=None, top_k=None, top_p=None)
+        out = target.generate(input_ids=ids, attention_mask=mask, **sampling,
                               max_new_tokens=new_tokens, eos_token_id=stop, pad_token_id=pad)
         rows = []
         for row in out[:, width:].tolist():
@@ -237,7 +246,8 @@ def self_chat(target, tokenizer, conversations: int, path: str | Path, batch_siz
                                                       add_generation_prompt=True, tokenize=True,
                                                       return_dict=True)["input_ids"])
                    for q in questions]
-        answers = sample(prompts, answer_tokens, batch_seed + 1)
+        answers = sample(prompts, answer_tokens, batch_seed + 1,
+                         temperature if answer_temperature is None else answer_temperature)
         texts = [tokenizer.decode(p + a) + "<|im_end|>" for p, a in zip(prompts, answers)]
         done.extend(texts)
         write_text_atomic(path, "".join(json.dumps({"text": t}) + "\n" for t in done))

@@ -283,6 +283,13 @@ def interpolate_cost(costs: dict[int, float], n: int) -> float:
     return costs[hi] + (costs[hi] - costs[lo]) * (n - hi) / (hi - lo)
 
 
+def monotone_costs(costs: dict[int, float]) -> dict[int, float]:
+    """The non-decreasing least-squares fit of measured pass costs ``{tokens: seconds}``: a pass
+    over more tokens never costs less, while measured medians still wobble by a few percent."""
+    sizes = sorted(int(n) for n in costs)
+    return dict(zip(sizes, _isotonic([float(costs[n]) for n in sizes], [1.0] * len(sizes))))
+
+
 class TreeSizer:
     """The size of each greedy DySpec tree, chosen per step for the most expected tokens per
     second on this machine (project policy: DySpec fixes the budget and leaves hardware-aware
@@ -307,11 +314,7 @@ class TreeSizer:
     def __init__(self, target_costs: dict[int, float], prior: float = 4.0) -> None:
         if not target_costs:
             raise ValueError("no target costs")
-        sizes = sorted(int(n) for n in target_costs)
-        # a pass over more tokens never costs less: the non-decreasing fit of the measured
-        # costs (measured medians still wobble by a few percent)
-        fit = _isotonic([float(target_costs[n]) for n in sizes], [1.0] * len(sizes))
-        self.target_costs = dict(zip(sizes, fit))
+        self.target_costs = monotone_costs(target_costs)
         self.accepted = self.predicted = prior
         self.draft_seconds = 0.0
         self.steps = 0

@@ -32,7 +32,8 @@ from pertoken.atomic import atomic_path, write_json_atomic
 from pertoken.errors import UserError
 from pertoken.speculative.draft_train import (check_output, same_settings, start_output,
                                               training_tokens, validate_common)
-from pertoken.speculative.eagle import (EagleHead, FeatureCapture, check_feature_layers,
+from pertoken.speculative.eagle import (CONFIG_NAME, EagleHead, FeatureCapture,
+                                        check_feature_layers, is_eagle, load_eagle,
                                         vocab_by_frequency)
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,14 @@ class EagleTrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     self_chat: int = 0
+    self_chat_temperature: float = 0.8
+    """the temperature of the target's answers in the self-chats (0: greedy)"""
     feature_layers: str = ""
     """decoder layers whose normalised outputs join the final feature, comma-separated (empty:
     the final feature alone)"""
+    init: str = ""
+    """an EAGLE head folder to start from (fine-tuning); its vocabulary is kept and its
+    feature layers must be ``feature_layers``"""
 
     def validate(self) -> None:
         validate_common(self, ("vocab", "data_tokens"))
@@ -77,6 +83,26 @@ class EagleTrainConfig:
         except ValueError:
             raise UserError("feature layers must be comma-separated integers, got "
                             f"{self.feature_layers!r}") from None
+
+
+def init_settings(path: str | Path) -> dict:
+    """The settings an EAGLE head folder fixes for fine-tuning it (``--init``):
+    ``{"feature_layers": "I,J", "vocab": N}``."""
+    if not is_eagle(path):
+        raise UserError(f"--init {path}: not an EAGLE head folder (no {CONFIG_NAME})")
+    info = json.loads((Path(path) / CONFIG_NAME).read_text())
+    return {"feature_layers": ",".join(str(i) for i in info.get("feature_layers", ())),
+            "vocab": int(info["draft_vocab_size"])}
+
+
+def _check_init(cfg: EagleTrainConfig) -> None:
+    fixed = init_settings(cfg.init)
+    if cfg.layers != EagleTrainConfig(feature_layers=fixed["feature_layers"]).layers:
+        raise UserError(f"--init {cfg.init} reads feature layers "
+                        f"{fixed['feature_layers'] or '(none)'}, "
+                        f"not {cfg.feature_layers or '(none)'}")
+    if cfg.vocab != fixed["vocab"]:
+        raise UserError(f"--init {cfg.init} drafts {fixed['vocab']} tokens, not {cfg.vocab}")
 
 
 def _lr(step: int, cfg: EagleTrainConfig) -> float:
@@ -197,6 +223,8 @@ def train_eagle(target, tokenizer, documents, out: str | Path, cfg: EagleTrainCo
 
     cfg.validate()
     check_feature_layers(target, cfg.layers)
+    if cfg.init:
+        _check_init(cfg)
     out = Path(out)
     check_output(out, resume, cfg)
     state_dir = start_output(out, cfg)
@@ -216,20 +244,23 @@ def train_eagle(target, tokenizer, documents, out: str | Path, cfg: EagleTrainCo
     n_seq = sequences.shape[0]
     eos = [t for t in {tokenizer.eos_token_id, target.config.eos_token_id}
            if isinstance(t, int) and t >= 0]
-    vocab = vocab_by_frequency(sequences, target.config.vocab_size, cfg.vocab, eos)
     device = target.device
+    torch.manual_seed(cfg.seed)
+    target = target.float()
+    if cfg.init:
+        head = load_eagle(cfg.init, target).float().to(device)
+        vocab = head.vocab.cpu()
+    else:
+        vocab = vocab_by_frequency(sequences, target.config.vocab_size, cfg.vocab, eos)
+        head = EagleHead(target, vocab, cfg.layers).to(device)
+        width = target.config.hidden_size
+        with torch.no_grad():  # start as "the final feature passes through", token part small
+            head.fc.weight.zero_()
+            head.fc.weight[:, -width:] = torch.eye(width, device=device)
+            head.fc.weight[:, :width].normal_(0, 0.02)
     full_to_draft = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
     full_to_draft[vocab] = torch.arange(vocab.numel())
     full_to_draft = full_to_draft.to(device)
-
-    torch.manual_seed(cfg.seed)
-    target = target.float()
-    head = EagleHead(target, vocab, cfg.layers).to(device)
-    width = target.config.hidden_size
-    with torch.no_grad():  # start as "the final feature passes through", token part small
-        head.fc.weight.zero_()
-        head.fc.weight[:, -width:] = torch.eye(width, device=device)
-        head.fc.weight[:, :width].normal_(0, 0.02)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0)
     step, history = 0, []
