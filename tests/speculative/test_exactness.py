@@ -173,6 +173,34 @@ def test_race_order_draws_without_replacement_with_the_right_first_law():
     assert torch.allclose(firsts / 20_000, probs.float(), atol=0.015)
 
 
+def test_race_order_second_draw_follows_the_renormalised_remainder():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])  # zeros inside: the support's indices
+    g = torch.Generator().manual_seed(1)
+    pairs = torch.zeros(6, 6)
+    n = 30_000
+    for _ in range(n):
+        order = draft_tree.race_order(probs, g, limit=2)
+        pairs[order[0], order[1]] += 1
+    p = probs.double()
+    expected = p[:, None] * p[None, :] / (1 - p[:, None])
+    expected.fill_diagonal_(0)
+    assert torch.allclose(pairs.double() / n, expected, atol=0.012)
+
+
+def test_sample_index_draws_from_unnormalised_weights_and_never_a_zero():
+    weights = torch.tensor([0.0, 2.0, 0.0, 1.0, 0.5, 0.0, 0.5, 0.0])  # sums to 4
+    g = torch.Generator().manual_seed(2)
+    counts = torch.zeros(8)
+    n = 40_000
+    for _ in range(n):
+        counts[verify.sample_index(weights, g)] += 1
+    assert counts[weights == 0].sum() == 0
+    expected = weights / weights.sum() * n
+    chi2 = float(((counts - expected)[weights > 0] ** 2 / expected[weights > 0]).sum())
+    assert chi2 < 16.3  # chi-square, 3 degrees of freedom, p = 0.001
+    assert verify.sample_index(torch.tensor([0.0, 0.0, 1.0]), g) == 2
+
+
 def test_trees_respect_budget_and_record_sampling_order():
     target, draft = _tables(1)
     g = torch.Generator().manual_seed(0)
