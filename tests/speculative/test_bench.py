@@ -49,8 +49,7 @@ def test_bench_rows_are_consistent_and_greedy_outputs_agree(models):
     measured = result["measured_tokens_per_call"]["1.0"]
     assert [m["budget"] for m in measured] == list(range(1, 13))
     assert sampled["budget"] == result["auto_budget_dyspec_measured"]["1.0"]
-    costs = {"target": {int(k): v / 1000 for k, v in result["costs"]["target_ms"].items()}}
-    assert sampled["budget"] == choose_measured_budget(costs, measured)[0]
+    assert sampled["budget"] == choose_measured_budget(measured)[0]
     tree = next(r for r in rows if r["method"] == "tree" and r["auto_budget"]
                 and r["temperature"] == 1)
     assert tree["budget"] == result["auto_budget"]["1.0"]  # the acceptance model's
@@ -86,22 +85,22 @@ def test_budget_follows_the_cost_curve():
 
 
 def test_measured_budget_against_a_hand_computation():
-    # target passes over 1..5 tokens; the measured 1.1 s at 3 tokens is below 2 tokens' 1.2:
-    # the non-decreasing fit pools them (1.15)
-    costs = {"target": {1: 1.0, 2: 1.2, 3: 1.1, 4: 1.6, 5: 1.7}}
-    measured = [{"budget": 1, "tokens_per_call": 1.4, "draft_seconds": 0.1},
-                {"budget": 2, "tokens_per_call": 1.8, "draft_seconds": 0.2},
-                {"budget": 3, "tokens_per_call": 1.7, "draft_seconds": 0.3},  # 1.7: pooled
-                {"budget": 4, "tokens_per_call": 2.0, "draft_seconds": 0.2}]  # 0.2: pooled
-    best, rows = choose_measured_budget(costs, list(reversed(measured)))
-    expected = [1.4 / (1.15 + 0.1), 1.75 / (1.15 + 0.2), 1.75 / (1.6 + 0.25),
-                2.0 / (1.7 + 0.25)]
+    measured = [{"budget": 1, "tokens_per_call": 1.4, "draft_seconds": 0.1, "target_seconds": 1.0},
+                {"budget": 2, "tokens_per_call": 1.8, "draft_seconds": 0.2, "target_seconds": 1.0},
+                # tokens per call 1.7 < 1.8: noise, pooled with budget 2's (1.75)
+                {"budget": 3, "tokens_per_call": 1.7, "draft_seconds": 0.3, "target_seconds": 1.4},
+                # a step of 1.6 s < 1.7: pooled with budget 3's (1.65)
+                {"budget": 4, "tokens_per_call": 2.0, "draft_seconds": 0.2, "target_seconds": 1.4}]
+    best, rows = choose_measured_budget(list(reversed(measured)))
+    expected = [1.4 / 1.1, 1.75 / 1.2, 1.75 / 1.65, 2.0 / 1.65]
     assert [r["budget"] for r in rows] == [1, 2, 3, 4]
     assert [r["expected_tokens_per_second"] for r in rows] == pytest.approx(expected)
     assert [r["expected_tokens_per_call"] for r in rows] == pytest.approx([1.4, 1.75, 1.75, 2.0])
     assert best == 2
+    measured[3]["tokens_per_call"] = 2.5  # now worth its cost
+    assert choose_measured_budget(measured)[0] == 4
     with pytest.raises(ValueError):
-        choose_measured_budget(costs, [])
+        choose_measured_budget([])
 
 
 def test_measured_tokens_per_call_are_those_of_generate(models):
@@ -117,7 +116,7 @@ def test_measured_tokens_per_call_are_those_of_generate(models):
                 for i, p in enumerate(prompts)]
         steps = sum(len(o.steps) for o in outs)
         assert row["tokens_per_call"] == sum(len(o.tokens) for o in outs) / steps
-        assert row["draft_seconds"] > 0
+        assert row["draft_seconds"] > 0 and row["target_seconds"] > 0
 
 
 @pytest.mark.parametrize("spec", ["wiki-en", "chat:0", "chat:x", "chat:100"])

@@ -235,11 +235,11 @@ MEASURED_BUDGETS = tuple(range(1, 13))
 
 
 def measures_budget(method: str, temperature: float, calibrate: bool = False) -> bool:
-    """Whether ``--budget auto`` picks ``method``'s budget from its tokens per call measured at
-    each budget (:func:`choose_measured_budget`) rather than from the acceptance model: for
-    sampled DySpec, whose trees accept fewer tokens than the model of a static tree predicts
-    (SmolLM2's EAGLE head at T=1: 1.60 tokens per call at budget 3 and 1.70 at 6, where the
-    model predicts 1.91 and 2.15; it chose 4 or 7 where 3 runs fastest)."""
+    """Whether ``--budget auto`` picks ``method``'s budget from its steps measured at each
+    budget (:func:`choose_measured_budget`) rather than from the acceptance model and the cost
+    curve: for sampled DySpec, whose trees accept fewer tokens than the model of a static tree
+    predicts (SmolLM2's EAGLE head at T=1: 1.60 tokens per call at budget 3 and 1.70 at 6, where
+    the model predicts 1.91 and 2.15; it chose 4 or 7 where 3 runs fastest)."""
     return method == "dyspec" and temperature > 0 and not calibrate
 
 
@@ -249,13 +249,13 @@ def measure_tokens_per_call(target, draft, prompts: Sequence[Sequence[int]], met
                             max_new_tokens: int = 48, seed: int = 0,
                             draft_temperature: float | None = None) -> list[dict]:
     """For each budget, ``method``'s tokens per target call decoding ``prompts`` (seeded) and
-    its mean drafting seconds per step."""
+    its mean seconds per step drafting and in the target (the tree pass and verification)."""
     from pertoken.speculative.generate import generate
 
     rows = []
     for budget in budgets:
         tokens = steps = 0
-        drafting = 0.0
+        drafting = verifying = 0.0
         for i, prompt in enumerate(prompts):
             out = generate(target, draft, list(prompt), method=method, budget=budget,
                            temperature=temperature, top_k=top_k, top_p=top_p,
@@ -264,32 +264,31 @@ def measure_tokens_per_call(target, draft, prompts: Sequence[Sequence[int]], met
             tokens += len(out.tokens)
             steps += len(out.steps)
             drafting += sum(step.draft_seconds for step in out.steps)
+            verifying += sum(step.target_seconds for step in out.steps)
         rows.append({"budget": int(budget), "tokens_per_call": tokens / max(steps, 1),
-                     "draft_seconds": drafting / max(steps, 1)})
+                     "draft_seconds": drafting / max(steps, 1),
+                     "target_seconds": verifying / max(steps, 1)})
     return rows
 
 
-def choose_measured_budget(costs: dict, measured: Sequence[dict]) -> tuple[int, list[dict]]:
-    """The budget with the most expected tokens per second from tokens per call measured at each
-    budget (:func:`measure_tokens_per_call`): tokens per call and drafting seconds per step are
-    fitted non-decreasing in the budget (drafting more never accepts or costs less in
-    expectation; the fit smooths the sampling noise of a few prompts), and a step costs those
-    drafting seconds plus the target pass over ``budget + 1`` tokens (the non-decreasing fit
-    of ``costs["target"]``)."""
-    from pertoken.speculative.draft_tree import _isotonic, interpolate_cost, monotone_costs
+def choose_measured_budget(measured: Sequence[dict]) -> tuple[int, list[dict]]:
+    """The budget with the most tokens per second from steps measured at each budget
+    (:func:`measure_tokens_per_call`): tokens per call and seconds per step (drafting plus
+    target) are each fitted non-decreasing in the budget (drafting more never accepts or costs
+    less in expectation; the fit smooths the noise of a few prompts). The step times are
+    measured in place rather than read off the cost curve, which on SmolLM2 at T=1 made a
+    budget-3 step 5.5 ms dearer than a budget-1 step where the benchmark saw 3.6 ms."""
+    from pertoken.speculative.draft_tree import _isotonic
 
     if not measured:
         raise ValueError("no measured budgets")
     rows = sorted(measured, key=lambda r: r["budget"])
     ones = [1.0] * len(rows)
     tokens = _isotonic([r["tokens_per_call"] for r in rows], ones)
-    drafting = _isotonic([r["draft_seconds"] for r in rows], ones)
-    target = monotone_costs(costs["target"])
-    out = []
-    for row, t, d in zip(rows, tokens, drafting):
-        seconds = interpolate_cost(target, row["budget"] + 1) + d
-        out.append({"budget": row["budget"], "expected_tokens_per_call": t,
-                    "expected_tokens_per_second": t / seconds})
+    seconds = _isotonic([r["draft_seconds"] + r["target_seconds"] for r in rows], ones)
+    out = [{"budget": row["budget"], "expected_tokens_per_call": t,
+            "expected_tokens_per_second": t / s}
+           for row, t, s in zip(rows, tokens, seconds)]
     best = max(out, key=lambda r: r["expected_tokens_per_second"])
     return best["budget"], out
 
@@ -298,18 +297,19 @@ def auto_budget(target, draft, tokenizer, target_name: str, draft_name: str,
                 temperature: float, top_k: int = 0, top_p: float = 1.0,
                 draft_temperature: float | None = None, method: str = "tree",
                 calibrate: bool = False) -> int:
-    """``--budget auto``: the budget from this machine's cost curve and, measured on four
-    wiki-en training prompts (cached), the acceptance vector or, where
-    :func:`measures_budget`, ``method``'s tokens per call at each budget."""
+    """``--budget auto``: the budget from, measured on four wiki-en training prompts and
+    cached, the acceptance vector with this machine's cost curve or, where
+    :func:`measures_budget`, ``method``'s steps at each budget (timed: cached per machine,
+    dtype and thread count, as the cost curve is)."""
     from pertoken.atomic import write_json_atomic
     from pertoken.models import cache_dir
 
-    costs = cost_curve(target, draft, target_name, draft_name)
     measured = measures_budget(method, temperature, calibrate)
     settings = f"{temperature}|{top_k}|{top_p}" + (
         f"|{draft_temperature}" if draft_temperature is not None else "")
     if measured:
-        settings += f"|{method}|{','.join(map(str, MEASURED_BUDGETS))}"
+        settings += (f"|{method}|{','.join(map(str, MEASURED_BUDGETS))}"
+                     f"|{_machine_key(target_name, target)}|{_machine_key(draft_name, draft)}")
     key = hashlib.sha256(f"{target_name}|{draft_name}|{settings}".encode())
     kind = "tokens-per-call" if measured else "acceptance"
     path = cache_dir() / "speculative" / f"{kind}-{key.hexdigest()[:16]}.json"
@@ -324,8 +324,8 @@ def auto_budget(target, draft, tokenizer, target_name: str, draft_name: str,
         data = (measure_tokens_per_call(target, draft, prompts, method, temperature, **common)
                 if measured else measure_acceptance(target, draft, prompts, temperature, **common))
         write_json_atomic(path, data)
-    budget, _ = (choose_measured_budget(costs, data) if measured
-                 else choose_budget(costs, data))
+    budget, _ = (choose_measured_budget(data) if measured else
+                 choose_budget(cost_curve(target, draft, target_name, draft_name), data))
     log.info("auto budget: %d", budget)
     return budget
 
@@ -456,7 +456,7 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
                 measured[t] = measure_tokens_per_call(
                     target, draft, calibration_prompts, "dyspec", t, top_k=cfg.top_k,
                     top_p=cfg.top_p, eos_token_id=eos, draft_temperature=cfg.draft_temperature)
-                auto_measured[t] = choose_measured_budget(costs, measured[t])[0]
+                auto_measured[t] = choose_measured_budget(measured[t])[0]
                 log.info("dyspec's auto budget at T=%s from measured tokens per call: %d", t,
                          auto_measured[t])
 
