@@ -163,9 +163,9 @@ def _machine_key(name: str, model) -> str:
 
 
 COST_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 24, 32, 48, 64)
-"""Tree sizes whose pass is timed: every size up to 10, where a budget's cost is not linear
-(at two threads SmolLM2's pass over 5 tokens costs 3.5 ms more than over 4, over 3 as much as
-over 4), so interpolating from 2, 4 and 8 chose budgets 2 and 4 at T=1 where 3 runs faster."""
+"""Tree sizes whose pass is timed: every size up to 10, where a pass's cost is not linear in
+its tokens (at two threads SmolLM2's pass over 5 tokens costs 3.5 ms more than over 4, over 3
+as much as over 4), which interpolating from 2, 4 and 8 missed."""
 
 AUTO_MAX_BUDGET = 16
 """Greedy DySpec with ``--budget auto`` sizes each tree
@@ -276,8 +276,9 @@ def choose_measured_budget(measured: Sequence[dict]) -> tuple[int, list[dict]]:
     (:func:`measure_tokens_per_call`): tokens per call and seconds per step (drafting plus
     target) are each fitted non-decreasing in the budget (drafting more never accepts or costs
     less in expectation; the fit smooths the noise of a few prompts). The step times are
-    measured in place rather than read off the cost curve, which on SmolLM2 at T=1 made a
-    budget-3 step 5.5 ms dearer than a budget-1 step where the benchmark saw 3.6 ms."""
+    measured in place rather than modelled from the cost curve and one draft call per layer,
+    which on SmolLM2 at T=1 made a budget-3 step 5.5 ms dearer than a budget-1 step where in
+    place they differ by 2.8 ms (46.1 and 43.3 ms on wiki-en prompts)."""
     from pertoken.speculative.draft_tree import _isotonic
 
     if not measured:
