@@ -41,7 +41,8 @@ def race_order(probs: torch.Tensor, generator: torch.Generator | None = None,
         return []
     if deterministic:
         return torch.topk(probs, k).indices.tolist()
-    race = torch.empty(support.numel(), dtype=probs.dtype).exponential_(generator=generator)
+    race = torch.empty(support.numel(), dtype=probs.dtype,
+                       device=probs.device).exponential_(generator=generator)
     return support[torch.topk(probs[support] / race, k).indices].tolist()
 
 
