@@ -300,6 +300,11 @@ def test_init_fine_tunes_an_existing_head_and_keeps_its_vocabulary(tmp_path):
     with pytest.raises(UserError, match="not an EAGLE head"):
         train_eagle(target, tok, DOCS, tmp_path / "f", _eagle_cfg(init=str(tmp_path)),
                     progress=False)
+    other, _ = tiny_llama(seed=3, num_hidden_layers=2, hidden_size=48, intermediate_size=64)
+    with pytest.raises(UserError, match="another target"):  # refused before any work
+        train_eagle(other, tok, DOCS, tmp_path / "g",
+                    _eagle_cfg(feature_layers="0", init=str(tmp_path / "a")), progress=False)
+    assert not (tmp_path / "g").exists()
 
 
 def test_eagle_losses_match_a_slow_reference():

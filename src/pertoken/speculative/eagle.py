@@ -217,20 +217,27 @@ def is_eagle(path: str | Path) -> bool:
     return (Path(path) / CONFIG_NAME).exists()
 
 
+def head_info(path: str | Path, target=None) -> dict:
+    """The settings saved with the EAGLE head in ``path`` (:meth:`EagleHead.save`'s
+    ``CONFIG_NAME``), checked against ``target`` when one is given."""
+    path = Path(path)
+    if not is_eagle(path):
+        raise UserError(f"{path} is not an EAGLE head folder (no {CONFIG_NAME})")
+    info = json.loads((path / CONFIG_NAME).read_text())
+    if target is not None and (info.get("hidden_size") != target.config.hidden_size
+                               or info.get("target_vocab_size") != target.config.vocab_size):
+        raise UserError(f"the EAGLE head in {path} was trained for another target")
+    return info
+
+
 def load_eagle(path: str | Path, target) -> EagleHead:
     """Load a head saved by :meth:`EagleHead.save` beside ``target`` (its embedding and LM
     head are bound, in the target's dtype)."""
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if not is_eagle(path):
-        raise UserError(f"{path} is not an EAGLE head folder (no {CONFIG_NAME})")
-    info = json.loads((path / CONFIG_NAME).read_text())
-    state = load_file(str(path / WEIGHTS_NAME))
+    info = head_info(path, target)
+    state = load_file(str(Path(path) / WEIGHTS_NAME))
     vocab = state.pop("vocab")
-    if (info.get("hidden_size") != target.config.hidden_size
-            or info.get("target_vocab_size") != target.config.vocab_size):
-        raise UserError(f"the EAGLE head in {path} was trained for another target")
     head = EagleHead(target, vocab, info.get("feature_layers", ()))
     head.load_state_dict(state)
     dtype = next(target.parameters()).dtype

@@ -33,7 +33,7 @@ from pertoken.errors import UserError
 from pertoken.speculative.draft_train import (check_output, same_settings, start_output,
                                               training_tokens, validate_common)
 from pertoken.speculative.eagle import (CONFIG_NAME, EagleHead, FeatureCapture,
-                                        check_feature_layers, is_eagle, load_eagle,
+                                        check_feature_layers, head_info, is_eagle, load_eagle,
                                         vocab_by_frequency)
 
 log = logging.getLogger(__name__)
@@ -85,18 +85,20 @@ class EagleTrainConfig:
                             f"{self.feature_layers!r}") from None
 
 
-def init_settings(path: str | Path) -> dict:
+def init_settings(path: str | Path, target=None) -> dict:
     """The settings an EAGLE head folder fixes for fine-tuning it (``--init``):
-    ``{"feature_layers": "I,J", "vocab": N}``."""
+    ``{"feature_layers": "I,J", "vocab": N}`` (the head checked against ``target`` if given)."""
     if not is_eagle(path):
         raise UserError(f"--init {path}: not an EAGLE head folder (no {CONFIG_NAME})")
-    info = json.loads((Path(path) / CONFIG_NAME).read_text())
+    info = head_info(path, target)
     return {"feature_layers": ",".join(str(i) for i in info.get("feature_layers", ())),
             "vocab": int(info["draft_vocab_size"])}
 
 
-def _check_init(cfg: EagleTrainConfig) -> None:
-    fixed = init_settings(cfg.init)
+def _check_init(cfg: EagleTrainConfig, target) -> None:
+    """Before any work (the self-chats and the teacher pass take an hour on a CPU): the head to
+    fine-tune is for ``target`` and has ``cfg``'s feature layers and vocabulary size."""
+    fixed = init_settings(cfg.init, target)
     if cfg.layers != EagleTrainConfig(feature_layers=fixed["feature_layers"]).layers:
         raise UserError(f"--init {cfg.init} reads feature layers "
                         f"{fixed['feature_layers'] or '(none)'}, "
@@ -224,7 +226,7 @@ def train_eagle(target, tokenizer, documents, out: str | Path, cfg: EagleTrainCo
     cfg.validate()
     check_feature_layers(target, cfg.layers)
     if cfg.init:
-        _check_init(cfg)
+        _check_init(cfg, target)
     out = Path(out)
     check_output(out, resume, cfg)
     state_dir = start_output(out, cfg)
