@@ -178,3 +178,15 @@ def test_cost_curve_is_measured_once_and_cached(models, monkeypatch):
     assert again["target"] == {n: 0.001 * n for n in bench.COST_SIZES}
     monkeypatch.setattr(bench, "measure_tree_costs", fail)
     assert bench.cost_curve(target, draft, "t", "d") == again
+
+
+def test_cost_cache_key_follows_the_cpu_instruction_sets(models, monkeypatch):
+    import pertoken.bench
+    from pertoken.speculative import bench
+
+    target, _, _ = models
+    monkeypatch.setattr(pertoken.bench, "cpu_model", lambda: ("Xeon", ["avx512f"]))
+    plain = bench._machine_key("t", target)
+    assert bench._machine_key("t", target) == plain
+    monkeypatch.setattr(pertoken.bench, "cpu_model", lambda: ("Xeon", ["avx512f", "amx_bf16"]))
+    assert bench._machine_key("t", target) != plain
