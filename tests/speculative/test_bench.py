@@ -52,7 +52,10 @@ def test_bench_rows_are_consistent_and_greedy_outputs_agree(models):
     assert sampled["budget"] == choose_measured_budget(measured)[0]
     tree = next(r for r in rows if r["method"] == "tree" and r["auto_budget"]
                 and r["temperature"] == 1)
-    assert tree["budget"] == result["auto_budget"]["1.0"]  # the acceptance model's
+    assert tree["budget"] == result["auto_budget"]["1.0"]["tree"]  # the acceptance model's
+    chain = next(r for r in rows if r["method"] == "chain" and r["auto_budget"]
+                 and r["temperature"] == 1)
+    assert chain["budget"] == result["auto_budget"]["1.0"]["chain"]
     assert json.loads(json.dumps(result)) == result
 
 
@@ -82,6 +85,19 @@ def test_budget_follows_the_cost_curve():
     best, rows = choose_budget({"target": {1: 1.0, 8: 1.2, 16: 1.6, 64: 6.0}, "draft": 0.05},
                                acceptance)
     assert 1 < best < 64 and len(rows) == 64
+
+
+def test_chain_budget_against_a_hand_computation():
+    # a chain of n first-ranked drafts: 1 + 0.5 + ... + 0.5^n tokens for 1 + 0.1 n seconds
+    costs = {"target": {1: 1.0, 64: 1.0}, "draft": 0.1}
+    best, rows = choose_budget(costs, [0.5, 0.3, 0.1], max_budget=6, method="chain")
+    for row in rows:
+        n = row["budget"]
+        tokens = 1 + sum(0.5 ** k for k in range(1, n + 1))
+        assert row["expected_tokens_per_call"] == pytest.approx(tokens)
+        assert row["expected_tokens_per_second"] == pytest.approx(tokens / (1 + 0.1 * n))
+    assert best == 2  # 1.75 / 1.2 against 1.5 / 1.1 and 1.875 / 1.3
+    assert choose_budget(costs, [0.5, 0.3, 0.1], max_budget=6)[0] > 2  # a tree goes wider
 
 
 def test_measured_budget_against_a_hand_computation():

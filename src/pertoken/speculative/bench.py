@@ -207,12 +207,15 @@ def cost_curve(target, draft, target_name: str, draft_name: str, refresh: bool =
     return {"target": data["target"], "draft": data["draft"]}
 
 
-def choose_budget(costs: dict, acceptance: Sequence[float], max_budget: int = 64) -> tuple[int, list[dict]]:
+def choose_budget(costs: dict, acceptance: Sequence[float], max_budget: int = 64,
+                  method: str = "tree") -> tuple[int, list[dict]]:
     """The tree budget with the most expected tokens per second.
 
     For each budget N, the expected tokens per step are ``1 + E[accepted]`` of Sequoia's best
-    tree for the measured ``acceptance`` vector, and a step costs one target pass over ``N + 1``
-    tokens (the non-decreasing fit of the measured costs) plus one draft call per tree layer.
+    tree for the measured ``acceptance`` vector (for ``method="chain"``, of a chain of N
+    first-ranked drafts), and a step costs one target pass over ``N + 1`` tokens (the
+    non-decreasing fit of the measured costs) plus one draft call per tree layer. (Sizing a
+    chain by the tree's model chose chains of 11-17 drafts, slower than 8, on SmolLM2 in bf16.)
     """
     from pertoken.speculative.draft_tree import (expected_accepted, interpolate_cost,
                                                  monotone_costs, static_shape)
@@ -221,7 +224,7 @@ def choose_budget(costs: dict, acceptance: Sequence[float], max_budget: int = 64
     target = monotone_costs(costs["target"])
     rows = []
     for n in range(1, max_budget + 1):
-        shape = static_shape(acceptance, n)
+        shape = list(range(-1, n)) if method == "chain" else static_shape(acceptance, n)
         depth = depths(shape)
         tokens = 1 + expected_accepted(acceptance, shape)
         seconds = interpolate_cost(target, n + 1) + max(depth) * costs["draft"]
@@ -327,7 +330,8 @@ def auto_budget(target, draft, tokenizer, target_name: str, draft_name: str,
                 if measured else measure_acceptance(target, draft, prompts, temperature, **common))
         write_json_atomic(path, data)
     budget, _ = (choose_measured_budget(data) if measured else
-                 choose_budget(cost_curve(target, draft, target_name, draft_name), data))
+                 choose_budget(cost_curve(target, draft, target_name, draft_name), data,
+                               method=method))
     log.info("auto budget: %d", budget)
     return budget
 
@@ -453,7 +457,8 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
     if "auto" in cfg.budgets:
         costs = cost_curve(target, draft, cfg.model, cfg.draft)
         for t in cfg.temperatures:
-            auto[t] = choose_budget(costs, acceptance[t])[0]
+            auto[t] = {m: choose_budget(costs, acceptance[t], method=m)[0]
+                       for m in ("chain", "tree")}
             if "dyspec" in cfg.methods and measures_budget("dyspec", t, cfg.calibrate):
                 measured[t] = measure_tokens_per_call(
                     target, draft, calibration_prompts, "dyspec", t, top_k=cfg.top_k,
@@ -476,7 +481,7 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
                 if b == "auto":
                     chosen = (AUTO_MAX_BUDGET if sizes_trees(method, t, cfg.calibrate)
                               else auto_measured[t] if measures_budget(method, t, cfg.calibrate)
-                              else auto[t])
+                              else auto[t]["chain" if method == "chain" else "tree"])
                 configs.append((method, chosen, t, b == "auto"))
     shapes = {c: static_shape(acceptance[c[2]], c[1]) for c in configs if c[0] == "tree"}
     # DySpec's calibration (draft share -> acceptance) is learnt on the calibration prompts
