@@ -5,7 +5,8 @@ import torch
 
 from pertoken.errors import UserError
 from pertoken.models import (ALIASES, DEFAULT_MODEL, convert_gguf, find_package_file, list_models,
-                             PackedLinear, load_model, mkl_packing_available, resolve,
+                             PackedLinear, bf16_packing_available, load_model,
+                             mkl_packing_available, resolve,
                              small_batch_layout, tiny_byte_tokenizer, tiny_llama)
 
 
@@ -48,9 +49,33 @@ def test_small_batch_layout_keeps_values_and_ties():
     torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
     small_batch_layout(model)  # idempotent
     assert all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)
-    half = tiny_llama(seed=1)[0].to(torch.bfloat16)
+    half = tiny_llama(seed=1)[0].to(torch.float16)
     small_batch_layout(half)  # left alone
     assert half.lm_head.weight.is_contiguous()
+    assert not any(isinstance(m, PackedLinear) for m in half.modules())
+
+
+@pytest.mark.skipif(not bf16_packing_available(), reason="no oneDNN bf16 linear")
+def test_bf16_packed_linears_equal_plain_linears():
+    model = tiny_llama(seed=3)[0].to(torch.bfloat16)
+    plain = tiny_llama(seed=3)[0].to(torch.bfloat16)
+    small_batch_layout(model)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is PackedLinear for m in linears)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(m.weight.is_contiguous() for m in linears)  # bf16 keeps its layout
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for rows in (1, 2, 9, 40):
+            ids = torch.randint(3, 260, (1, rows), generator=gen)
+            torch.testing.assert_close(model(ids).logits, plain(ids).logits)
+        lin = model.model.layers[0].self_attn.q_proj
+        x = torch.randn(3, 32, generator=gen).bfloat16()
+        before = lin(x)
+        torch.testing.assert_close(before, torch.nn.functional.linear(x, lin.weight))
+        lin.weight.mul_(2)  # in place: the packed copy is rebuilt
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight))
+        assert not torch.equal(lin(x), before)
 
 
 needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="no MKL packed GEMM")

@@ -12,7 +12,7 @@ from pertoken.errors import UserError
 
 def _load_pair(model: str, draft: str | None, dtype: str, fp16_draft: bool = False):
     """``(target, tokenizer, draft or None)``, in the small-batch layout (a no-op but in
-    float32) and with grouped-query SDPA for tree passes (:func:`_for_trees`); every method,
+    float32 and bf16) and with grouped-query SDPA for tree passes (:func:`_for_trees`); every method,
     plain decoding included, then runs on the same model objects. A draft folder holding an
     EAGLE head loads as an :class:`~pertoken.speculative.eagle.EagleHead` bound to the target.
     With ``fp16_draft`` the draft runs on float16 weights
@@ -39,7 +39,7 @@ def _fp16(draft):
 
 
 def _for_trees(model):
-    """``model`` laid out for passes over a few tokens: packed fp32 weights
+    """``model`` laid out for passes over a few tokens: packed fp32 or bf16 weights
     (:func:`~pertoken.models.small_batch_layout`) and SDPA's grouped-query mode under tree
     masks (:func:`~pertoken.speculative.tree.use_gqa_attention`); outputs unchanged."""
     from pertoken.models import small_batch_layout

@@ -145,7 +145,8 @@ class EagleHead(nn.Module):
 
     def small_batch_layout(self) -> "EagleHead":
         """:func:`pertoken.models.small_batch_layout` for the head, its bound LM-head rows
-        included (a no-op but in float32 on CPU)."""
+        included (a no-op but in float32 and bf16 on CPU; the rows are laid out in float32
+        only)."""
         from pertoken.models import small_batch_layout
 
         small_batch_layout(self)
