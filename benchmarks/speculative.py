@@ -223,22 +223,26 @@ def main() -> None:
                 "auto": r.get("auto_budget", False),
                 "mean_tree_size": r.get("mean_tree_size"),
                 "same_as_ar": r.get("same_output_as_ar")})
-        budgets = sorted({r["budget"] for r in cell["results"]
-                          if isinstance(r["budget"], int) and not r.get("auto_budget")
-                          and r["method"] in ("chain", "tree", "dyspec", "dyspec-heap")})
         for t in sorted({r["temperature"] for r in cell["results"]}):
             series = {}
             for m in ("chain", "tree", "dyspec", "dyspec-heap", "hf-assisted"):
-                values = []
-                for b in budgets:
-                    row = next((r for r in cell["results"] if r["method"] == m and r["budget"] == b
-                                and r["temperature"] == t and not r.get("auto_budget")), None)
-                    values.append(row["tokens_per_call"] if row else None)
-                if any(v is not None for v in values):
-                    series[m] = values
+                points = {}  # budget -> tokens per call; a fixed budget's row over auto's
+                for r in sorted((r for r in cell["results"] if r["method"] == m
+                                 and r["temperature"] == t and isinstance(r["budget"], int)),
+                                key=lambda r: not r.get("auto_budget")):
+                    points[r["budget"]] = r["tokens_per_call"]
+                if points:
+                    series[m] = {"x": sorted(points), "y": [points[b] for b in sorted(points)]}
+            measured = (cell.get("measured_tokens_per_call") or {}).get(str(float(t)))
+            if measured:  # sampled DySpec at every budget, on the calibration prompts
+                series["dyspec (calibration prompts)"] = {
+                    "x": [m["budget"] for m in measured],
+                    "y": [m["tokens_per_call"] for m in measured]}
             plots.append({"title": f"Tokens per target call, {cell['prompts']} prompts, "
                                    f"{cell['dtype']}, T={t:g}",
-                          "x": budgets, "series": series, "xlabel": "budget (drafted tokens)",
+                          "series": series,
+                          "xlabel": "budget (drafted tokens; auto's chosen budget, greedy "
+                                    "DySpec's cap)",
                           "ylabel": "tokens per target call"})
     summary = [summarize(c) for c in results]
     result = {"method": "speculative",
