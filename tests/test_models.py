@@ -76,6 +76,12 @@ def test_bf16_packed_linears_equal_plain_linears():
         lin.weight.mul_(2)  # in place: the packed copy is rebuilt
         torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight))
         assert not torch.equal(lin(x), before)
+        # a module made under inference mode (no version counters), with a bias
+        biased = torch.nn.Linear(32, 48).bfloat16()
+        small_batch_layout(torch.nn.Sequential(biased))
+        assert type(biased) is PackedLinear
+        torch.testing.assert_close(biased(x), torch.nn.functional.linear(x, biased.weight,
+                                                                         biased.bias))
 
 
 needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="no MKL packed GEMM")
@@ -121,6 +127,11 @@ def test_packed_linear_follows_weight_changes_and_keeps_autograd():
     y.sum().backward()
     torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(5, 32))
     assert lin.weight.grad is not None
+    with torch.inference_mode():  # made under inference mode: no version counter
+        made = torch.nn.Linear(32, 48)
+        small_batch_layout(torch.nn.Sequential(made))
+        z = torch.randn(5, 32)
+        torch.testing.assert_close(made(z), torch.nn.functional.linear(z, made.weight, made.bias))
 
 
 def test_load_model_in_bfloat16_and_eager(tmp_path, tiny):

@@ -277,9 +277,11 @@ class PackedLinear(torch.nn.Linear):
     def _packed(self, weight: torch.Tensor) -> tuple:
         """``(weight, version, data_ptr, packed or None, detached weight, detached bias,
         bias)``, rebuilt when the weight or bias is another tensor, or the weight was written
-        or moved since."""
+        or moved since (an inference tensor, made under ``torch.inference_mode``, has no
+        version counter: writes to it in place go unseen)."""
         fast = self.__dict__.get("_fast")
-        if (fast is None or fast[0] is not weight or fast[1] != weight._version
+        version = -1 if weight.is_inference() else weight._version
+        if (fast is None or fast[0] is not weight or fast[1] != version
                 or fast[2] != weight.data_ptr() or fast[6] is not self._parameters["bias"]):
             packed = None
             if weight.device.type != "cpu":
@@ -291,7 +293,7 @@ class PackedLinear(torch.nn.Linear):
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(),
                                                                  self.PACK_ROWS)
             bias = self._parameters["bias"]
-            fast = (weight, weight._version, weight.data_ptr(), packed, weight.detach(),
+            fast = (weight, version, weight.data_ptr(), packed, weight.detach(),
                     None if bias is None else bias.detach(), bias)
             self.__dict__["_fast"] = fast  # a plain attribute: never saved
         return fast

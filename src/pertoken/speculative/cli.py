@@ -12,8 +12,8 @@ from pertoken.errors import UserError
 
 def _load_pair(model: str, draft: str | None, dtype: str, fp16_draft: bool = False):
     """``(target, tokenizer, draft or None)``, in the small-batch layout (a no-op but in
-    float32 and bf16) and with grouped-query SDPA for tree passes (:func:`_for_trees`); every method,
-    plain decoding included, then runs on the same model objects. A draft folder holding an
+    float32 and bf16) and with grouped-query SDPA for tree passes (:func:`_for_trees`); every
+    method, plain decoding included, then runs on the same model objects. A draft folder holding an
     EAGLE head loads as an :class:`~pertoken.speculative.eagle.EagleHead` bound to the target.
     With ``fp16_draft`` the draft runs on float16 weights
     (:func:`~pertoken.speculative.fp16.fp16_draft`)."""
