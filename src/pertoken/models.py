@@ -301,19 +301,16 @@ class PackedLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # attribute lookups kept few: this runs ~200 times per forward of a small model
         weight = self._parameters["weight"]
-        if torch.is_grad_enabled() or x.dtype != weight.dtype:
-            return torch.nn.functional.linear(x, weight, self._parameters["bias"])
-        if x.dtype == torch.bfloat16:
-            fast = self._packed(weight)
-            if fast[3] is None:
-                return torch.nn.functional.linear(x, weight, self._parameters["bias"])
-            return torch.ops.mkldnn._linear_pointwise(x, fast[3], fast[5], "none", [], "")
+        bf16 = x.dtype == torch.bfloat16
         rows = x.numel() // weight.shape[1]
-        if rows < 2 or x.dtype != torch.float32:
+        if (torch.is_grad_enabled() or x.dtype != weight.dtype
+                or not (bf16 or (x.dtype == torch.float32 and rows >= 2))):
             return torch.nn.functional.linear(x, weight, self._parameters["bias"])
         fast = self._packed(weight)
         if fast[3] is None:
             return torch.nn.functional.linear(x, weight, self._parameters["bias"])
+        if bf16:  # every row count
+            return torch.ops.mkldnn._linear_pointwise(x, fast[3], fast[5], "none", [], "")
         out = torch.ops.mkl._mkl_linear(x.reshape(rows, weight.shape[1]), fast[3], fast[4],
                                         fast[5], rows)
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -341,19 +338,17 @@ def small_batch_layout(model, pack: bool = True):
     params = list(model.parameters())
     if not params or params[0].device.type != "cpu":
         return model
-    if params[0].dtype == torch.bfloat16:
-        if pack and bf16_packing_available():
-            for module in model.modules():
-                if type(module) is torch.nn.Linear:
-                    module.__class__ = PackedLinear
+    fp32 = params[0].dtype == torch.float32
+    if fp32:
+        pack = pack and mkl_packing_available()
+    elif params[0].dtype == torch.bfloat16:
+        pack = pack and bf16_packing_available()
+    else:
         return model
-    if params[0].dtype != torch.float32:
-        return model
-    pack = pack and mkl_packing_available()
     with torch.no_grad():
         done = set()
         for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and id(module.weight) not in done:
+            if fp32 and isinstance(module, torch.nn.Linear) and id(module.weight) not in done:
                 done.add(id(module.weight))
                 if module.weight.stride() != (1, module.weight.shape[0]):
                     module.weight.data = module.weight.data.t().contiguous().t()
