@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from pertoken.atomic import write_json_atomic
-from pertoken.bench import environment, markdown_table, pin_threads, write_results
+from pertoken.bench import CPU_FLAGS, environment, markdown_table, pin_threads, write_results
 from pertoken.data import open_corpus
 from pertoken.evaluate import PerplexityConfig, perplexity
 from pertoken.models import DEFAULT_MODEL, cache_dir, load_model
@@ -83,20 +83,6 @@ def _runs() -> list[Run]:
              Run("outliertune", 8, 8, "rtn_sym"), Run("outliertune", 8, 8, "rtn_sym", head=True),
              Run("outliertune", 8, 8, "gptq_sym")]  # symmetric, with GPTQ's accuracy
     return runs
-
-
-def cpu_features() -> dict:
-    """The CPU model and the instruction sets that decide int8 and bf16 speed."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                  if line.startswith("model name")), "")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
-                      if line.startswith("flags")), []))
-    return {"cpu": model, **{f: f in flags for f in ("avx512_vnni", "avx512_bf16", "amx_int8",
-                                                       "amx_bf16")}}
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:
@@ -512,7 +498,7 @@ def main() -> None:
                   f"second); quantized models keep the "
                   f"rest in {args.rest_dtype}; packed_mb is the prepacked copy of the int8 "
                   f"weights that oneDNN runs on, held next to the saved buffers."),
-              "environment": {**environment(), **cpu_features()}, "perplexity": rows,
+              "environment": environment(), "perplexity": rows,
               "perplexity_confirm": confirm_rows, "speed": speed_rows, "kernels": kernels}
     if rows:
         result["summary"] = summary(rows, speed_rows, corpora, confirm_rows)
@@ -521,9 +507,9 @@ def main() -> None:
         [c for corpus in corpora for c in (f"ppl_{corpus}", f"vs_fp32_{corpus}")]
     env = result["environment"]
     md = [f"# {result['title']}\n", result["description"] + "\n",
-          f"Machine: {env.get('cpu', '?')}, {env['cpus']} cores; AVX-512 VNNI "
-          f"{env.get('avx512_vnni')}, AVX-512 BF16 {env.get('avx512_bf16')}, AMX "
-          f"{env.get('amx_int8')}; torch {env['torch']}.\n"]
+          f"Machine: {env.get('cpu_model') or '?'}, {env['cpus']} cores; instruction sets "
+          f"{', '.join(env['cpu_flags']) or 'none of ' + ', '.join(CPU_FLAGS)}; "
+          f"torch {env['torch']}.\n"]
     if rows:
         md += ["## Perplexity\n", markdown_table(rows, columns),
                *([f"## W8A8 perplexity on {args.confirm_tokens} tokens per corpus\n",

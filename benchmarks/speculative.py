@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pertoken.bench import environment, markdown_table, write_results
+from pertoken.data import build_corpus
 from pertoken.models import DEFAULT_MODEL, cache_dir
 
 
@@ -41,8 +42,9 @@ def _train(folder: Path, extra: list[str], device: str, teacher_dtype: str = "fl
         return
     cmd = [sys.executable, "-m", "pertoken", "speculative", "train-draft", "-o", str(folder),
            "--teacher-dtype", teacher_dtype, "--device", device, *extra]
-    if (folder / ".train" / "checkpoint.pt").exists():
-        cmd.append("--resume")
+    state = folder / ".train"
+    if state.is_dir() and any(p.name != "config.json" for p in state.iterdir()):
+        cmd.append("--resume")  # any stage's saved work, as train-draft counts it
     subprocess.run(cmd, check=True)
 
 
@@ -60,13 +62,39 @@ def ensure_draft(folder: Path, target: str, device: str = "auto") -> None:
            device)
 
 
+SELF_CHATS = Path(__file__).parent / "data" / "eagle-self-chat-3072.jsonl.gz"
+"""The EAGLE recipe's first stage, done once and kept: the 3072 chats that ``train-draft
+--self-chat 3072`` sampled from SmolLM2-135M-Instruct in bfloat16 (seed 0, 2026-12-01, an AMD
+EPYC with avx512_bf16). A 2-core CPU takes 50-65 minutes to sample them again, which left a
+session too little time for the teacher pass and training after them."""
+
+
+def seed_self_chats(folder: Path, source: Path = SELF_CHATS) -> bool:
+    """Start the EAGLE run in ``folder`` from the kept chats ``source``, unless the run has
+    begun or there are none. ``train-draft`` then resumes after its self-chat stage (it reads
+    the chats it finds and samples only what is missing). Returns whether it seeded."""
+    import gzip
+    import shutil
+
+    state = folder / ".train"
+    if state.exists() or not source.is_file():
+        return False
+    state.mkdir(parents=True)
+    with gzip.open(source, "rb") as src, open(state / "self-chat.jsonl.tmp", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    (state / "self-chat.jsonl.tmp").rename(state / "self-chat.jsonl")
+    return True
+
+
 def ensure_eagle(folder: Path, target: str, device: str = "auto") -> None:
-    """The EAGLE recipe: 3072 chats sampled from the target plus docs-en and wiki-en, 5M
-    tokens through the bfloat16 teacher once (features of layers 2 and 14 besides the last),
-    16M tokens of training (3.3 epochs, 1954 steps of 32 sequences). On 2 CPU cores: about 50
-    minutes of chats, 40 of teacher pass and 77 of training; held-out top-1 agreement 0.563
-    (0.523 one step deeper). (The previous recipe, final feature only, float32 teacher and 40M
-    tokens, took 7 minutes on one H200 and reached 0.596.)"""
+    """The EAGLE recipe: 3072 chats sampled from the target (:data:`SELF_CHATS`) plus docs-en
+    and wiki-en, 5M tokens through the bfloat16 teacher once (features of layers 2 and 14
+    besides the last), 16M tokens of training (3.3 epochs, 1954 steps of 32 sequences). On 2
+    CPU cores: about 50 minutes of chats, 40 of teacher pass and 77 of training; held-out top-1
+    agreement 0.563 (0.523 one step deeper). (The previous recipe, final feature only, float32
+    teacher and 40M tokens, took 7 minutes on one H200 and reached 0.596.)"""
+    if not _finished(folder, "pertoken-eagle.json"):
+        seed_self_chats(folder)
     _train(folder, ["--kind", "eagle", "--target", target, "--self-chat", "3072",
                     "--corpus", "docs-en,wiki-en", "--data-tokens", "5000000",
                     "--train-tokens", "16000000", "--batch-size", "32",
@@ -191,6 +219,9 @@ def main() -> None:
     args = parser.parse_args()
     work = cache_dir() / "bench" / "speculative"
     work.mkdir(parents=True, exist_ok=True)
+    if args.assistant is None or args.draft is None:
+        # the drafts train on docs-en, whose Debian packages a fresh machine lacks
+        build_corpus("docs-en", install=True)
     if args.assistant is None:
         args.assistant = work / "draft-smollm2"
         ensure_draft(args.assistant, args.model, args.train_device)

@@ -5,8 +5,8 @@ import torch
 
 from pertoken.errors import UserError
 from pertoken.models import (ALIASES, DEFAULT_MODEL, convert_gguf, find_package_file, list_models,
-                             PackedLinear, bf16_packing_available, load_model,
-                             mkl_packing_available, resolve,
+                             PackedLinear, bf16_packing_available, fp32_small_batch_kernel,
+                             load_model, mkl_packing_available, onednn_fp32_available, resolve,
                              small_batch_layout, tiny_byte_tokenizer, tiny_llama)
 
 
@@ -104,6 +104,51 @@ def test_packed_linears_equal_plain_linears_for_any_row_count():
             lin = model.model.layers[0].self_attn.q_proj
             torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight),
                                        rtol=1e-5, atol=1e-5)
+
+
+FP32_KERNELS = [pytest.param("mkl", marks=needs_mkl),
+                pytest.param("onednn", marks=pytest.mark.skipif(not onednn_fp32_available(),
+                                                                reason="no oneDNN linear"))]
+
+
+@pytest.mark.parametrize("kernel", FP32_KERNELS)
+def test_each_fp32_kernel_equals_plain_linears(monkeypatch, kernel):
+    monkeypatch.setenv("PERTOKEN_FP32_GEMM", kernel)
+    other = "onednn" if kernel == "mkl" else "mkl"
+    model, _ = tiny_llama(seed=4)
+    plain, _ = tiny_llama(seed=4)
+    small_batch_layout(model)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.fp32_kernel == kernel for m in linears)
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 9, 17, 40):
+            ids = torch.randint(3, 260, (1, rows), generator=gen)
+            torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+        lin = model.model.layers[0].mlp.down_proj
+        x = torch.randn(2, 5, lin.in_features, generator=gen)  # batched rows keep their shape
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight),
+                                   rtol=1e-5, atol=1e-5)
+        if mkl_packing_available() and onednn_fp32_available():
+            # laid out again for the other kernel: repacked for it, same values
+            monkeypatch.setenv("PERTOKEN_FP32_GEMM", other)
+            small_batch_layout(model)
+            assert all(m.fp32_kernel == other for m in linears)
+            torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_small_batch_kernel_is_measured_once_or_forced(monkeypatch):
+    monkeypatch.delenv("PERTOKEN_FP32_GEMM", raising=False)
+    monkeypatch.setattr("pertoken.models._FP32_KERNELS", {})
+    available = {k for k, ok in (("mkl", mkl_packing_available()),
+                                 ("onednn", onednn_fp32_available())) if ok}
+    choice = fp32_small_batch_kernel()
+    assert choice in available if available else choice is None
+    assert fp32_small_batch_kernel() == choice  # kept for this thread count
+    monkeypatch.setenv("PERTOKEN_FP32_GEMM", "blas")
+    with pytest.raises(ValueError, match="mkl or onednn"):
+        fp32_small_batch_kernel()
 
 
 @needs_mkl

@@ -254,21 +254,92 @@ def bf16_packing_available() -> bool:
             and bool(mkldnn._is_mkldnn_bf16_supported()))
 
 
+def onednn_fp32_available() -> bool:
+    """Whether this torch build runs oneDNN's fp32 linear on a prepacked weight."""
+    mkldnn = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_linear_pointwise")
+            and hasattr(mkldnn, "_reorder_linear_weight"))
+
+
+_FP32_KERNELS: dict[int, str | None] = {}
+
+
+def fp32_small_batch_kernel() -> str | None:
+    """The packed fp32 GEMM that runs a few rows faster on this CPU at the current thread
+    count: ``"mkl"`` (MKL's packed GEMM) or ``"onednn"`` (oneDNN's linear on a reordered
+    weight), ``None`` where neither is available; ``$PERTOKEN_FP32_GEMM`` (``mkl`` or
+    ``onednn``) overrides. Measured once per process and thread count: 8 rows through
+    576x1536 and 1536x576 weights, each kernel 15 times, interleaved, medians summed (a few
+    milliseconds). On a 2-core AMD EPYC VM at 2 threads oneDNN took about 0.6x MKL's time on
+    those shapes and 0.35-0.5x on SmolLM2's 49k-row LM head."""
+    import statistics
+
+    forced = os.environ.get("PERTOKEN_FP32_GEMM")
+    if forced:
+        if forced not in ("mkl", "onednn"):
+            raise ValueError(f"PERTOKEN_FP32_GEMM must be mkl or onednn, got {forced!r}")
+        if not (mkl_packing_available() if forced == "mkl" else onednn_fp32_available()):
+            raise ValueError(f"PERTOKEN_FP32_GEMM={forced}: this torch build lacks it")
+        return forced
+    threads = torch.get_num_threads()
+    if threads in _FP32_KERNELS:
+        return _FP32_KERNELS[threads]
+    kernels = {}
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1536, 576), (576, 1536)]
+    weights = [torch.randn(n, k, generator=gen) for n, k in shapes]
+    inputs = [torch.randn(8, k, generator=gen) for _, k in shapes]
+    if mkl_packing_available():
+        packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, PackedLinear.PACK_ROWS)
+                  for w in weights]
+        kernels["mkl"] = [lambda i=i: torch.ops.mkl._mkl_linear(inputs[i], packed[i], weights[i],
+                                                                None, 8) for i in range(2)]
+    if onednn_fp32_available():
+        reordered = [torch.ops.mkldnn._reorder_linear_weight(w, PackedLinear.PACK_ROWS)
+                     for w in weights]
+        kernels["onednn"] = [lambda i=i: torch.ops.mkldnn._linear_pointwise(
+            inputs[i], reordered[i], None, "none", [], "") for i in range(2)]
+    if len(kernels) < 2:
+        choice = next(iter(kernels), None)
+    else:
+        times: dict[str, list[list[float]]] = {k: [[], []] for k in kernels}
+        with torch.inference_mode():
+            for _ in range(16):
+                for name, calls in kernels.items():
+                    for i, call in enumerate(calls):
+                        start = time.perf_counter()
+                        call()
+                        times[name][i].append(time.perf_counter() - start)
+        cost = {k: sum(statistics.median(t[1:]) for t in v) for k, v in times.items()}
+        choice = min(cost, key=cost.get)
+        log.info("fp32 GEMM for a few rows: %s (8 rows, %s)", choice,
+                 ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in cost.items()))
+    _FP32_KERNELS[threads] = choice
+    return choice
+
+
 class PackedLinear(torch.nn.Linear):
     """An ``nn.Linear`` that, without autograd and for two or more rows, multiplies by a copy of
     its weight packed once for MKL's GEMM (``cblas_sgemm_pack``, the kernel inductor uses for
-    frozen fp32 linears on CPU); one row, and anything that needs gradients, takes the plain
-    ``F.linear``. In bf16 every call without autograd runs oneDNN's linear on a weight
-    reordered once for it (``F.linear`` reorders it on every call): on SmolLM2-135M at 2
-    threads on an AMX CPU a 1-token pass takes 30.5 ms instead of 37.9 and a 16-token one 34.1
-    instead of 41.5, with identical logits.
+    frozen fp32 linears on CPU) or reordered once for oneDNN's linear, whichever
+    :func:`fp32_small_batch_kernel` measured faster on this CPU (``fp32_kernel``); one row, and
+    anything that needs gradients, takes the plain ``F.linear``. In bf16 every call without
+    autograd runs oneDNN's linear on a weight reordered once for it (``F.linear`` reorders it
+    on every call): on SmolLM2-135M at 2 threads on an AMX CPU a 1-token pass takes 30.5 ms
+    instead of 37.9 and a 16-token one 34.1 instead of 41.5, with identical logits.
 
     A plain fp32 GEMM packs the weight again on every call, which for a handful of rows costs
     as much as the arithmetic: on SmolLM2-135M a 9-token tree pass took 2.3x the linear time of
-    a 1-token step, and about 1.5x with the packed copies. The outputs equal ``F.linear``'s
-    (the same MKL kernels, tested to 1e-5). The copy is rebuilt when the weight's storage or
-    version changes. Made by :func:`small_batch_layout`; hand-written because neither torch nor
-    transformers packs weights outside ``torch.compile``."""
+    a 1-token step, and about 1.5x with the packed copies. On a 2-core AMD EPYC VM, where MKL's
+    packed GEMM is slow, oneDNN's ran an 8-token pass in 68 ms against 122 (a 1-token step:
+    57 ms). The outputs equal ``F.linear``'s to rounding (tested to 1e-5). The copy is rebuilt
+    when the weight's storage or version changes. Made by :func:`small_batch_layout`;
+    hand-written because neither torch nor transformers packs weights outside
+    ``torch.compile``."""
+
+    fp32_kernel: str | None = "mkl"
+    """the fp32 GEMM for two or more rows, ``"mkl"`` or ``"onednn"``
+    (:func:`fp32_small_batch_kernel`; :func:`small_batch_layout` sets it per module)"""
 
     PACK_ROWS = 32
     """the row count the pack is tuned for (one pack serves every count; 32 measured well
@@ -286,7 +357,10 @@ class PackedLinear(torch.nn.Linear):
             packed = None
             if weight.device.type != "cpu":
                 pass
-            elif weight.dtype == torch.float32:
+            elif weight.dtype == torch.float32 and self.fp32_kernel == "onednn":
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(),
+                                                                 self.PACK_ROWS)
+            elif weight.dtype == torch.float32 and self.fp32_kernel == "mkl":
                 packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach().contiguous(),
                                                                   self.PACK_ROWS)
             elif weight.dtype == torch.bfloat16 and bf16_packing_available():
@@ -309,7 +383,7 @@ class PackedLinear(torch.nn.Linear):
         fast = self._packed(weight)
         if fast[3] is None:
             return torch.nn.functional.linear(x, weight, self._parameters["bias"])
-        if bf16:  # every row count
+        if bf16 or self.fp32_kernel == "onednn":  # bf16: every row count
             return torch.ops.mkldnn._linear_pointwise(x, fast[3], fast[5], "none", [], "")
         out = torch.ops.mkl._mkl_linear(x.reshape(rows, weight.shape[1]), fast[3], fast[4],
                                         fast[5], rows)
@@ -317,30 +391,32 @@ class PackedLinear(torch.nn.Linear):
 
 
 def small_batch_layout(model, pack: bool = True):
-    """Lay out every ``nn.Linear`` of an fp32 or bf16 CPU model for passes over a few tokens
-    (tree and chain verification), in place; returns it.
+    """Lay out every ``nn.Linear`` of an fp32 or bf16 CPU model for passes over a few tokens (tree
+    and chain verification), in place; returns it.
 
-    fp32: with ``pack`` (and MKL present) each linear becomes a :class:`PackedLinear`, which
-    keeps an MKL-packed copy of its weight for calls of two or more rows (measured on
-    SmolLM2-135M at one thread: the linears of a 9-token pass take 52 ms instead of 73, the
-    tied 49k-row head 12 instead of 20). The copies cost memory: about 1 GB more for
-    SmolLM2-135M. One-row calls use the weight itself, stored column-major: torch's fp32 GEMM
-    for a handful of rows runs faster with the weight transposed in memory, while one-row
-    decoding is no slower (measured: 8 rows through a 576x1536 projection, 0.29 ms against
-    0.56 ms). bf16: with ``pack`` (and oneDNN's bf16 linear available) each linear becomes a
-    :class:`PackedLinear` running every call on a oneDNN-reordered copy (270 MB more for
-    SmolLM2-135M); the weights keep their layout. Values, shapes, tied weights and
-    ``state_dict`` keys are unchanged; only the strides (and the linears' class) differ. Other
-    dtypes and devices are left alone. For inference: ``save_pretrained`` wants contiguous
-    weights, so save before, or load again. Hand-written because no library exposes this
-    layout choice outside ``torch.compile``.
+    fp32: with ``pack`` (and MKL or oneDNN present) each linear becomes a :class:`PackedLinear`,
+    which keeps a packed copy of its weight for calls of two or more rows, for the kernel
+    :func:`fp32_small_batch_kernel` chose (measured on SmolLM2-135M at one thread, MKL's: the
+    linears of a 9-token pass take 52 ms instead of 73, the tied 49k-row head 12 instead of 20).
+    The copies cost memory: about 1 GB more for SmolLM2-135M with MKL's, 540 MB with oneDNN's.
+    One-row calls use the weight itself, stored column-major: torch's fp32 GEMM for a handful of
+    rows runs faster with the weight transposed in memory, while one-row decoding is no slower
+    (measured: 8 rows through a 576x1536 projection, 0.29 ms against 0.56 ms). bf16: with
+    ``pack`` (and oneDNN's bf16 linear available) each linear becomes a :class:`PackedLinear`
+    running every call on a oneDNN-reordered copy (270 MB more for SmolLM2-135M); the weights
+    keep their layout. Values, shapes, tied weights and ``state_dict`` keys are unchanged; only
+    the strides (and the linears' class) differ. Other dtypes and devices are left alone. For
+    inference: ``save_pretrained`` wants contiguous weights, so save before, or load again.
+    Hand-written because no library exposes this layout choice outside ``torch.compile``.
     """
     params = list(model.parameters())
     if not params or params[0].device.type != "cpu":
         return model
     fp32 = params[0].dtype == torch.float32
+    kernel = None
     if fp32:
-        pack = pack and mkl_packing_available()
+        kernel = fp32_small_batch_kernel() if pack else None
+        pack = kernel is not None
     elif params[0].dtype == torch.bfloat16:
         pack = pack and bf16_packing_available()
     else:
@@ -352,8 +428,11 @@ def small_batch_layout(model, pack: bool = True):
                 done.add(id(module.weight))
                 if module.weight.stride() != (1, module.weight.shape[0]):
                     module.weight.data = module.weight.data.t().contiguous().t()
-            if pack and type(module) is torch.nn.Linear:
+            if pack and type(module) in (torch.nn.Linear, PackedLinear):
                 module.__class__ = PackedLinear
+                if fp32 and module.fp32_kernel != kernel:
+                    module.fp32_kernel = kernel
+                    module.__dict__.pop("_fast", None)
     return model
 
 

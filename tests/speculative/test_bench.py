@@ -206,3 +206,17 @@ def test_cost_cache_key_follows_the_cpu_instruction_sets(models, monkeypatch):
     assert bench._machine_key("t", target) == plain
     monkeypatch.setattr(pertoken.bench, "cpu_model", lambda: ("Xeon", ["avx512f", "amx_bf16"]))
     assert bench._machine_key("t", target) != plain
+
+
+def test_cost_cache_key_follows_the_fp32_kernel():
+    from pertoken.models import PackedLinear, small_batch_layout, tiny_llama
+    from pertoken.speculative import bench
+
+    model = small_batch_layout(tiny_llama(seed=0)[0])
+    linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    if not linears:
+        pytest.skip("no packed fp32 GEMM in this torch build")
+    before = bench._machine_key("t", model)
+    for m in linears:
+        m.fp32_kernel = "onednn" if m.fp32_kernel == "mkl" else "mkl"
+    assert bench._machine_key("t", model) != before

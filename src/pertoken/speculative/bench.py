@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from pertoken.errors import UserError
+from pertoken.models import PackedLinear
 from pertoken.speculative.methods import BENCH_METHODS as METHOD_CHOICES
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,13 @@ def measure_tree_costs(model, sizes: Sequence[int], context: int = 256, repeats:
     return out
 
 
+def fp32_gemm(model) -> str | None:
+    """The GEMM an fp32 model's packed linears run for a few rows (``"mkl"`` or ``"onednn"``),
+    ``None`` when it has none."""
+    return next((m.fp32_kernel for m in model.modules() if isinstance(m, PackedLinear)
+                 and m.weight.dtype == torch.float32), None)
+
+
 def _machine_key(name: str, model) -> str:
     """A key for what a measured cost depends on: the model, its dtype and layout, the thread
     count, torch, and the CPU by name and instruction sets (VMs of one name may differ, and
@@ -152,8 +160,10 @@ def _machine_key(name: str, model) -> str:
     model_name, flags = cpu_model()
     cpu = f"{model_name or platform.processor()}|{','.join(flags)}"
     linear = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
-    # the layout: strides, and the class (a PackedLinear runs other kernels)
+    # the layout: strides, and the class (a PackedLinear runs other kernels: which fp32 GEMM)
     layout = "" if linear is None else f"{linear.weight.stride()}{type(linear).__name__}"
+    if fp32_gemm(model):
+        layout += f"|{fp32_gemm(model)}"
     from pertoken.speculative.fp16 import has_fp16_linears
 
     if has_fp16_linears(model):
@@ -569,6 +579,7 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
     return {"model": cfg.model, "draft": cfg.draft, "assistant": cfg.assistant or cfg.draft,
             "draft_kind": "eagle" if isinstance(draft, EagleHead) else "model",
             "threads": torch.get_num_threads(),
+            "fp32_gemm": fp32_gemm(target),
             "dtype": cfg.dtype, "prompts": cfg.prompts, "max_new_tokens": cfg.max_new_tokens,
             "calibrate": cfg.calibrate, "lookup": cfg.lookup, "fp16_draft": cfg.fp16_draft,
             "draft_temperature": cfg.draft_temperature,
