@@ -398,7 +398,7 @@ def small_batch_layout(model, pack: bool = True):
     which keeps a packed copy of its weight for calls of two or more rows, for the kernel
     :func:`fp32_small_batch_kernel` chose (measured on SmolLM2-135M at one thread, MKL's: the
     linears of a 9-token pass take 52 ms instead of 73, the tied 49k-row head 12 instead of 20).
-    The copies cost memory: about 1 GB more for SmolLM2-135M with MKL's, 540 MB with oneDNN's.
+    The copies cost memory: for SmolLM2-135M, 1.2-1.3 GB more with either kernel's.
     One-row calls use the weight itself, stored column-major: torch's fp32 GEMM for a handful of
     rows runs faster with the weight transposed in memory, while one-row decoding is no slower
     (measured: 8 rows through a 576x1536 projection, 0.29 ms against 0.56 ms). bf16: with

@@ -8,7 +8,7 @@ from pertoken.errors import UserError
 from pertoken.models import tiny_llama
 from pertoken.speculative.bench import (BenchConfig, choose_budget, choose_measured_budget,
                                         load_prompts, measure_acceptance,
-                                        measure_tokens_per_call, run_bench)
+                                        measure_budget_steps, run_bench)
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +119,13 @@ def test_measured_budget_against_a_hand_computation():
         choose_measured_budget([])
 
 
-def test_measured_tokens_per_call_are_those_of_generate(models):
+def test_measured_budget_steps_are_those_of_generate(models):
     from pertoken.speculative.generate import generate
 
     target, draft, tok = models
     prompts = load_prompts("chat:2", tok)
-    rows = measure_tokens_per_call(target, draft, prompts, "dyspec", 1.0, budgets=[2, 5],
-                                   max_new_tokens=10, seed=7)
+    rows = measure_budget_steps(target, draft, prompts, "dyspec", 1.0, budgets=[2, 5],
+                                max_new_tokens=10, seed=7)
     for row in rows:
         outs = [generate(target, draft, list(p), method="dyspec", budget=row["budget"],
                          temperature=1.0, max_new_tokens=10, seed=7 + i)

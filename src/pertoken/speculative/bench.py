@@ -162,8 +162,9 @@ def _machine_key(name: str, model) -> str:
     linear = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
     # the layout: strides, and the class (a PackedLinear runs other kernels: which fp32 GEMM)
     layout = "" if linear is None else f"{linear.weight.stride()}{type(linear).__name__}"
-    if fp32_gemm(model):
-        layout += f"|{fp32_gemm(model)}"
+    gemm = fp32_gemm(model)
+    if gemm:
+        layout += f"|{gemm}"
     from pertoken.speculative.fp16 import has_fp16_linears
 
     if has_fp16_linears(model):
@@ -257,11 +258,11 @@ def measures_budget(method: str, temperature: float, calibrate: bool = False) ->
     return method == "dyspec" and temperature > 0 and not calibrate
 
 
-def measure_tokens_per_call(target, draft, prompts: Sequence[Sequence[int]], method: str,
-                            temperature: float, budgets: Sequence[int] = MEASURED_BUDGETS,
-                            top_k: int = 0, top_p: float = 1.0, eos_token_id=None,
-                            max_new_tokens: int = 48, seed: int = 0,
-                            draft_temperature: float | None = None) -> list[dict]:
+def measure_budget_steps(target, draft, prompts: Sequence[Sequence[int]], method: str,
+                         temperature: float, budgets: Sequence[int] = MEASURED_BUDGETS,
+                         top_k: int = 0, top_p: float = 1.0, eos_token_id=None,
+                         max_new_tokens: int = 48, seed: int = 0,
+                         draft_temperature: float | None = None) -> list[dict]:
     """For each budget, ``method``'s tokens per target call decoding ``prompts`` (seeded) and
     its mean seconds per step drafting and in the target (the tree pass and verification)."""
     from pertoken.speculative.generate import generate
@@ -287,7 +288,7 @@ def measure_tokens_per_call(target, draft, prompts: Sequence[Sequence[int]], met
 
 def choose_measured_budget(measured: Sequence[dict]) -> tuple[int, list[dict]]:
     """The budget with the most tokens per second from steps measured at each budget
-    (:func:`measure_tokens_per_call`): tokens per call and seconds per step (drafting plus
+    (:func:`measure_budget_steps`): tokens per call and seconds per step (drafting plus
     target) are each fitted non-decreasing in the budget (drafting more never accepts or costs
     less in expectation; the fit smooths the noise of a few prompts). The step times are
     measured in place rather than modelled from the cost curve and one draft call per layer,
@@ -336,7 +337,7 @@ def auto_budget(target, draft, tokenizer, target_name: str, draft_name: str,
         prompts = load_prompts("wiki-en:4", tokenizer, split="train")
         common = dict(top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eos_token_id,
                       draft_temperature=draft_temperature)
-        data = (measure_tokens_per_call(target, draft, prompts, method, temperature, **common)
+        data = (measure_budget_steps(target, draft, prompts, method, temperature, **common)
                 if measured else measure_acceptance(target, draft, prompts, temperature, **common))
         write_json_atomic(path, data)
     budget, _ = (choose_measured_budget(data) if measured else
@@ -470,7 +471,7 @@ def run_bench(target, draft, tokenizer, cfg: BenchConfig, progress: bool = True,
             auto[t] = {m: choose_budget(costs, acceptance[t], method=m)[0]
                        for m in ("chain", "tree")}
             if "dyspec" in cfg.methods and measures_budget("dyspec", t, cfg.calibrate):
-                measured[t] = measure_tokens_per_call(
+                measured[t] = measure_budget_steps(
                     target, draft, calibration_prompts, "dyspec", t, top_k=cfg.top_k,
                     top_p=cfg.top_p, eos_token_id=eos, draft_temperature=cfg.draft_temperature)
                 auto_measured[t] = choose_measured_budget(measured[t])[0]
