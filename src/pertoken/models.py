@@ -331,8 +331,8 @@ class PackedLinear(torch.nn.Linear):
     A plain fp32 GEMM packs the weight again on every call, which for a handful of rows costs
     as much as the arithmetic: on SmolLM2-135M a 9-token tree pass took 2.3x the linear time of
     a 1-token step, and about 1.5x with the packed copies. On a 2-core AMD EPYC VM, where MKL's
-    packed GEMM is slow, oneDNN's ran an 8-token pass in 68 ms against 122 (a 1-token step:
-    57 ms). The outputs equal ``F.linear``'s to rounding (tested to 1e-5). The copy is rebuilt
+    packed GEMM is slow, oneDNN's ran an 8-token pass in 68 ms against 131 (a 1-token step:
+    60 ms; ``benchmarks/fp32_gemm.py``). The outputs equal ``F.linear``'s to rounding (tested to 1e-5). The copy is rebuilt
     when the weight's storage or version changes. Made by :func:`small_batch_layout`;
     hand-written because neither torch nor transformers packs weights outside
     ``torch.compile``."""
