@@ -9,8 +9,9 @@ more against a decode step, so speed-ups come out lower: wiki-en, greedy DySpec 
 ``--budget auto``, 1.38x ``ar`` at one thread beside another cell, 1.47x at two threads
 alone). Our methods draft with an EAGLE head (``--draft``); transformers' assisted generation,
 which needs a standalone model, drafts with the distilled 2-layer draft
-(``--assistant``). Without them, both are trained first with ``pertoken speculative
-train-draft`` (resumable stages, see ``ensure_draft`` and ``ensure_eagle``).
+(``--assistant``). Without them, the ones kept in benchmarks/data (``KEPT``) are used, or
+where none are kept, both are trained first with ``pertoken speculative train-draft``
+(resumable stages, see ``ensure_draft`` and ``ensure_eagle``); ``--keep-drafts`` keeps them.
 
 Writes docs/results/speculative.json and .md (tables, and plots of tokens per target call
 against the budget). Finished cells are kept under $PERTOKEN_CACHE/bench/speculative and reused
@@ -48,18 +49,31 @@ def _train(folder: Path, extra: list[str], device: str, teacher_dtype: str = "fl
     subprocess.run(cmd, check=True)
 
 
+def draft_teacher_dtype(device: str = "auto") -> str:
+    """The assistant recipe's teacher dtype: bfloat16 on a GPU or on a CPU with bfloat16
+    arithmetic (measured on a 2-core AMD EPYC with avx512_bf16, 8 x 256 tokens through
+    SmolLM2-135M: 2.4-2.6 s against 4.2-4.6 s in float32), float32 elsewhere (emulated
+    bfloat16 is the slower)."""
+    from pertoken.models import bf16_packing_available, resolve_device
+
+    if resolve_device(device).type != "cpu" or bf16_packing_available():
+        return "bfloat16"
+    return "float32"
+
+
 def ensure_draft(folder: Path, target: str, device: str = "auto") -> None:
     """The draft recipe: distil on 3M tokens of docs-en, then fine-tune on 512 chats sampled
     from the target plus wiki-en and docs-en (700k tokens, lr 1e-3). Both stages resume. The
-    teacher runs in float32 (this CPU has no bfloat16 arithmetic, so bfloat16 is the slower).
-    On one H200 (``--device cuda``) the two stages take 2 minutes; on 2 CPU cores, 3-4 hours."""
+    teacher runs in :func:`draft_teacher_dtype`. On one H200 (``--device cuda``) the two
+    stages take 2 minutes; on 2 CPU cores with a float32 teacher, 3-4 hours."""
     if _finished(folder, "pertoken-draft.json"):
         return
     base = folder.parent / (folder.name + "-base")
-    _train(base, ["--target", target, "--corpus", "docs-en"], device)
+    dtype = draft_teacher_dtype(device)
+    _train(base, ["--target", target, "--corpus", "docs-en"], device, teacher_dtype=dtype)
     _train(folder, ["--target", target, "--init", str(base), "--self-chat", "512",
                     "--corpus", "wiki-en,docs-en", "--train-tokens", "700000", "--lr", "1e-3"],
-           device)
+           device, teacher_dtype=dtype)
 
 
 SELF_CHATS = Path(__file__).parent / "data" / "eagle-self-chat-3072.jsonl.gz"
@@ -102,6 +116,45 @@ def ensure_eagle(folder: Path, target: str, device: str = "auto") -> None:
                     "--train-tokens", "16000000", "--batch-size", "32",
                     "--feature-layers", "2,14", "--checkpoint-every", "100"], device,
            teacher_dtype="bfloat16")
+
+
+KEPT = Path(__file__).parent / "data"
+"""Where trained drafts are kept (:func:`keep_draft`): ``eagle-smollm2`` (our methods' EAGLE
+head) and ``draft-smollm2`` (hf-assisted's distilled model). A run without ``--draft`` or
+``--assistant`` uses the kept ones, so a fresh machine benchmarks at once instead of spending
+5-8 CPU hours on ``ensure_eagle`` and ``ensure_draft``."""
+
+
+def keep_draft(folder: Path, dest: Path) -> Path:
+    """Copy the finished draft in ``folder`` (an EAGLE head or a draft model) to ``dest``
+    with its floating-point weights rounded to float16, halving what git keeps: 11 MB for the
+    head, 14 MB for the draft model. The benchmark loads them back in its own dtype; its
+    default ``--fp16-draft`` rounds the weights to float16 anyway. The training state
+    (``.train``) is left behind. Written atomically: ``dest`` is whole or absent."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pertoken.atomic import atomic_path
+
+    info = folder / ("pertoken-eagle.json" if (folder / "pertoken-eagle.json").is_file()
+                     else "pertoken-draft.json")
+    with atomic_path(dest) as tmp:
+        tmp.mkdir()
+        for item in folder.iterdir():
+            if item.name.startswith(".") or not item.is_file():
+                continue
+            if item.suffix == ".safetensors":
+                state = {k: v.half() if v.is_floating_point() else v
+                         for k, v in load_file(str(item)).items()}
+                save_file(state, str(tmp / item.name), metadata={"format": "pt"})
+            else:
+                shutil.copy2(item, tmp / item.name)
+        stored = json.loads(info.read_text())
+        stored["stored_dtype"] = str(torch.float16).removeprefix("torch.")
+        (tmp / info.name).write_text(json.dumps(stored, indent=2) + "\n")
+    return dest
 
 
 def _cell_name(args, prompts: str, dtype: str) -> str:
@@ -217,10 +270,28 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="rerun finished cells")
     parser.add_argument("--train-device", default="auto",
                         help="where missing drafts train (train-draft --device): auto, cpu, cuda")
+    parser.add_argument("--train-drafts", action="store_true",
+                        help="train missing drafts under the bench cache even where "
+                             "benchmarks/data keeps trained ones")
+    parser.add_argument("--keep-drafts", action="store_true",
+                        help="copy the finished drafts (--draft and --assistant, or the bench "
+                             "cache's) to benchmarks/data in float16, then exit")
     parser.add_argument("--results-dir", default="docs/results")
     args = parser.parse_args()
     work = cache_dir() / "bench" / "speculative"
     work.mkdir(parents=True, exist_ok=True)
+    if args.keep_drafts:  # the named drafts, or the bench cache's finished ones
+        for name, kept in (("draft", "eagle-smollm2"), ("assistant", "draft-smollm2")):
+            folder = getattr(args, name) or work / kept
+            if any(_finished(folder, n) for n in ("pertoken-eagle.json", "pertoken-draft.json")):
+                print(f"kept {keep_draft(folder, KEPT / kept)}", flush=True)
+            else:
+                print(f"{folder}: no finished draft to keep", flush=True)
+        return
+    for name in ("draft", "assistant"):
+        kept = KEPT / ("eagle-smollm2" if name == "draft" else "draft-smollm2")
+        if getattr(args, name) is None and kept.is_dir() and not args.train_drafts:
+            setattr(args, name, kept)
     if args.assistant is None or args.draft is None:
         # the drafts train on docs-en, whose Debian packages a fresh machine lacks
         build_corpus("docs-en", install=True)
