@@ -160,7 +160,9 @@ def teacher_pass(target, sequences: torch.Tensor, top_k: int, folder: str | Path
             for start in range(done, n, batch_size):
                 stop = min(n, start + batch_size)
                 logits = target(input_ids=sequences[start:stop].to(target.device)).logits
-                values, ids = torch.topk(logits.float(), top_k, dim=-1)
+                # in the logits' own dtype: a float32 copy of 8 x 256 x 49152 bfloat16
+                # logits cost more than the top-k (0.3-0.6 s a batch against 0.1)
+                values, ids = torch.topk(logits, top_k, dim=-1)
                 arrays["features"][start:stop] = capture.value.half().cpu().numpy()
                 arrays["top_values"][start:stop] = values.half().cpu().numpy()
                 arrays["top_ids"][start:stop] = ids.int().cpu().numpy()
