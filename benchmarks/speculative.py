@@ -311,6 +311,10 @@ def main() -> None:
             print(f"error: --{name} {folder} is not a draft folder trained by pertoken",
                   file=sys.stderr)
             sys.exit(2)
+        if not _finished(folder, found.name):  # a checkpoint's head folder, mid-training
+            print(f"error: --{name} {folder} is still training (resume its train-draft run)",
+                  file=sys.stderr)
+            sys.exit(2)
         infos[name] = json.loads(found.read_text())
     draft_info = infos["draft"]
 
