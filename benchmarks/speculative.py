@@ -133,7 +133,6 @@ def keep_draft(folder: Path, dest: Path) -> Path:
     (``.train``) is left behind. Written atomically: ``dest`` is whole or absent."""
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     from pertoken.atomic import atomic_path
@@ -152,7 +151,7 @@ def keep_draft(folder: Path, dest: Path) -> Path:
             else:
                 shutil.copy2(item, tmp / item.name)
         stored = json.loads(info.read_text())
-        stored["stored_dtype"] = str(torch.float16).removeprefix("torch.")
+        stored["stored_dtype"] = "float16"
         (tmp / info.name).write_text(json.dumps(stored, indent=2) + "\n")
     return dest
 
