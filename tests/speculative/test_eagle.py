@@ -4,6 +4,7 @@ recomputation along each node's path; decoding with it stays exact; save and loa
 import dataclasses
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -423,3 +424,28 @@ def test_an_interrupted_data_stage_needs_resume_with_the_same_settings(tmp_path)
     check_output(out, True, _eagle_cfg())
     with pytest.raises(UserError, match="other settings"):
         check_output(out, True, _eagle_cfg(top_k=8))
+
+
+def test_warm_page_cache_reads_files_that_fit_and_skips_the_rest(tmp_path, monkeypatch):
+    from pertoken.speculative import eagle_train
+
+    files = [tmp_path / "a.npy", tmp_path / "b.npy"]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * (3000 + i))
+    read = []
+    real_open = open
+
+    def spy(path, *args, **kwargs):
+        read.append(Path(path).name)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", spy)
+    monkeypatch.setattr(eagle_train, "_available_memory", lambda: 10_000)
+    assert eagle_train.warm_page_cache(files, progress=False, chunk=1000)
+    assert read == ["a.npy", "b.npy"]
+    read.clear()
+    monkeypatch.setattr(eagle_train, "_available_memory", lambda: 7_000)  # 6001 > 80%
+    assert not eagle_train.warm_page_cache(files, progress=False)
+    monkeypatch.setattr(eagle_train, "_available_memory", lambda: None)
+    assert not eagle_train.warm_page_cache(files, progress=False)
+    assert read == []

@@ -180,6 +180,39 @@ def teacher_pass(target, sequences: torch.Tensor, top_k: int, folder: str | Path
             for name in _TEACHER_FIELDS}
 
 
+def _available_memory() -> int | None:
+    """Bytes the kernel reports available (``MemAvailable`` in /proc/meminfo), or None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def warm_page_cache(paths: list[Path], progress: bool = True, chunk: int = 64 << 20) -> bool:
+    """Read ``paths`` once, front to back, if together they take at most 80% of the memory
+    the kernel reports available, so that training's random batches find the memory-mapped
+    teacher outputs in the page cache. Returns whether it read them (not where the available
+    memory is unknown, as off Linux). Measured on a 2-core VM with SmolLM2's 16 GB of
+    three-layer features: batches gathered at random from the uncached file read at about
+    12 MB/s (training steps of 8 s instead of 5.1), a sequential read at 90-290 MB/s."""
+    from tqdm.auto import tqdm
+
+    total = sum(p.stat().st_size for p in paths)
+    available = _available_memory()
+    if available is None or total > 0.8 * available:
+        return False
+    with tqdm(total=total, desc="reading teacher outputs", unit="B", unit_scale=True,
+              disable=not progress) as bar:
+        for path in paths:
+            with open(path, "rb", buffering=0) as handle:
+                while block := handle.read(chunk):
+                    bar.update(len(block))
+    return True
+
+
 def eagle_losses(head: EagleHead, tokens: torch.Tensor, features: torch.Tensor,
                  top_values: torch.Tensor, top_ids: torch.Tensor, full_to_draft: torch.Tensor,
                  noise: float = 0.0, feature_weight: float = 0.1,
@@ -208,7 +241,10 @@ def eagle_losses(head: EagleHead, tokens: torch.Tensor, features: torch.Tensor,
         ce = ce[inside.any(-1)].mean()
         reg = torch.nn.functional.smooth_l1_loss(predicted.float(), want)
         total = total + ce + feature_weight * reg
-        agreement.append((logits.argmax(-1) == ids[..., 0]).float().mean().item())
+        # max's indices: argmax of bfloat16 rows ran 2.7x slower here (32 ms against 12 for
+        # 8 x 255 x 8192); a tie may pick another index, which only this statistic sees
+        top1 = logits.detach().max(-1).indices
+        agreement.append((top1 == ids[..., 0]).float().mean().item())
         previous = predicted
     return total, agreement
 
@@ -217,12 +253,13 @@ def train_eagle(target, tokenizer, documents, out: str | Path, cfg: EagleTrainCo
                 resume: bool = False, target_name: str = "", progress: bool = True) -> dict:
     """Train an EAGLE head for ``target`` into the folder ``out``; return its stats.
 
-    ``target`` may be in bfloat16 for the teacher pass; it is converted to float32 in place
-    afterwards (the head trains against its embedding and LM head in float32). Everything
-    runs on the target's device (CPU or CUDA); the cached teacher outputs stay in CPU memory
-    and go to the device a batch at a time. Every stage resumes: the self-chats after each
-    batch, the teacher pass from its last flush, training from its checkpoint (and usable head
-    folder) written every ``cfg.checkpoint_every`` steps, to the same weights."""
+    ``target`` may be in bfloat16 for the teacher pass; it is converted to float32 and frozen
+    (``requires_grad_(False)``) in place afterwards (the head trains against its embedding and
+    LM head in float32). Everything runs on the target's device (CPU or CUDA); the cached
+    teacher outputs stay in CPU memory and go to the device a batch at a time. Every stage
+    resumes: the self-chats after each batch, the teacher pass from its last flush, training
+    from its checkpoint (and usable head folder) written every ``cfg.checkpoint_every`` steps,
+    to the same weights."""
     from tqdm.auto import tqdm
 
     cfg.validate()
@@ -245,12 +282,16 @@ def train_eagle(target, tokenizer, documents, out: str | Path, cfg: EagleTrainCo
             **teacher_pass(target, sequences, cfg.top_k, state_dir / "teacher", progress=progress,
                            batch_size=64 if target.device.type == "cuda" else 8,
                            feature_layers=cfg.layers)}
+    warm_page_cache([state_dir / "teacher" / f"{name}.npy" for name in _TEACHER_FIELDS],
+                    progress)
     n_seq = sequences.shape[0]
     eos = [t for t in {tokenizer.eos_token_id, target.config.eos_token_id}
            if isinstance(t, int) and t >= 0]
     device = target.device
     torch.manual_seed(cfg.seed)
-    target = target.float()
+    # frozen: the head reads the target's embedding, and a dense gradient of its 49152 x 576
+    # rows, never used, took 13% of a training step
+    target = target.float().requires_grad_(False)
     if cfg.init:
         head = load_eagle(cfg.init, target).float().to(device)
         vocab = head.vocab.cpu()
