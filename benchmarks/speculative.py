@@ -119,6 +119,7 @@ def ensure_eagle(folder: Path, target: str, device: str = "auto") -> None:
 
 
 KEPT = Path(__file__).parent / "data"
+KEPT_NAMES = {"draft": "eagle-smollm2", "assistant": "draft-smollm2"}
 """Where trained drafts are kept (:func:`keep_draft`): ``eagle-smollm2`` (our methods' EAGLE
 head) and ``draft-smollm2`` (hf-assisted's distilled model). A run without ``--draft`` or
 ``--assistant`` uses the kept ones, so a fresh machine benchmarks at once instead of spending
@@ -280,25 +281,24 @@ def main() -> None:
     work = cache_dir() / "bench" / "speculative"
     work.mkdir(parents=True, exist_ok=True)
     if args.keep_drafts:  # the named drafts, or the bench cache's finished ones
-        for name, kept in (("draft", "eagle-smollm2"), ("assistant", "draft-smollm2")):
+        for name, kept in KEPT_NAMES.items():
             folder = getattr(args, name) or work / kept
             if any(_finished(folder, n) for n in ("pertoken-eagle.json", "pertoken-draft.json")):
                 print(f"kept {keep_draft(folder, KEPT / kept)}", flush=True)
             else:
                 print(f"{folder}: no finished draft to keep", flush=True)
         return
-    for name in ("draft", "assistant"):
-        kept = KEPT / ("eagle-smollm2" if name == "draft" else "draft-smollm2")
-        if getattr(args, name) is None and kept.is_dir() and not args.train_drafts:
-            setattr(args, name, kept)
+    for name, kept in KEPT_NAMES.items():
+        if getattr(args, name) is None and (KEPT / kept).is_dir() and not args.train_drafts:
+            setattr(args, name, KEPT / kept)
     if args.assistant is None or args.draft is None:
         # the drafts train on docs-en, whose Debian packages a fresh machine lacks
         build_corpus("docs-en", install=True)
     if args.assistant is None:
-        args.assistant = work / "draft-smollm2"
+        args.assistant = work / KEPT_NAMES["assistant"]
         ensure_draft(args.assistant, args.model, args.train_device)
     if args.draft is None:
-        args.draft = work / "eagle-smollm2"
+        args.draft = work / KEPT_NAMES["draft"]
         ensure_eagle(args.draft, args.model, args.train_device)
     info_files = {"draft": ("pertoken-eagle.json", "pertoken-draft.json"),
                   "assistant": ("pertoken-draft.json",)}

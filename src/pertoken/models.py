@@ -332,10 +332,10 @@ class PackedLinear(torch.nn.Linear):
     as much as the arithmetic: on SmolLM2-135M a 9-token tree pass took 2.3x the linear time of
     a 1-token step, and about 1.5x with the packed copies. On a 2-core AMD EPYC VM, where MKL's
     packed GEMM is slow, oneDNN's ran an 8-token pass in 68 ms against 131 (a 1-token step:
-    60 ms; ``benchmarks/fp32_gemm.py``). The outputs equal ``F.linear``'s to rounding (tested to 1e-5). The copy is rebuilt
-    when the weight's storage or version changes. Made by :func:`small_batch_layout`;
-    hand-written because neither torch nor transformers packs weights outside
-    ``torch.compile``."""
+    60 ms; ``benchmarks/fp32_gemm.py``). The outputs equal ``F.linear``'s to rounding (tested
+    to 1e-5). The copy is rebuilt when the weight's storage or version changes. Made by
+    :func:`small_batch_layout`; hand-written because neither torch nor transformers packs
+    weights outside ``torch.compile``."""
 
     fp32_kernel: str | None = "mkl"
     """the fp32 GEMM for two or more rows, ``"mkl"`` or ``"onednn"``
