@@ -30,10 +30,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             # some writers (safetensors) create owner-only files: give the result the
-            # permissions a plain open() would have under this umask
+            # permissions a plain open() (a folder: mkdir()) would have under this umask
             umask = os.umask(0)
             os.umask(umask)
-            os.chmod(target, 0o666 & ~umask)
+            os.chmod(target, (0o777 if target.is_dir() else 0o666) & ~umask)
             os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
