@@ -5,7 +5,8 @@ import torch
 
 from pertoken.errors import UserError
 from pertoken.models import (ALIASES, DEFAULT_MODEL, convert_gguf, find_package_file, list_models,
-                             PackedLinear, bf16_packing_available, fp32_small_batch_kernel,
+                             PackedLinear, bf16_packing_available, fp32_one_row_packed,
+                             fp32_small_batch_kernel,
                              load_model, mkl_packing_available, onednn_fp32_available, resolve,
                              small_batch_layout, tiny_byte_tokenizer, tiny_llama)
 
@@ -111,15 +112,26 @@ FP32_KERNELS = [pytest.param("mkl", marks=needs_mkl),
                                                                 reason="no oneDNN linear"))]
 
 
+@pytest.mark.parametrize("one_row", ["packed", "plain"])
 @pytest.mark.parametrize("kernel", FP32_KERNELS)
-def test_each_fp32_kernel_equals_plain_linears(monkeypatch, kernel):
+def test_each_fp32_kernel_equals_plain_linears(monkeypatch, kernel, one_row):
     monkeypatch.setenv("PERTOKEN_FP32_GEMM", kernel)
+    monkeypatch.setenv("PERTOKEN_FP32_ONE_ROW", one_row)
     other = "onednn" if kernel == "mkl" else "mkl"
     model, _ = tiny_llama(seed=4)
     plain, _ = tiny_llama(seed=4)
     small_batch_layout(model)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(m.fp32_kernel == kernel for m in linears)
+    assert all(m.one_row_packed == (one_row == "packed") for m in linears)
+    calls = []
+    if one_row == "packed":  # one row really takes the packed copy, not F.linear
+        real = PackedLinear._packed
+        monkeypatch.setattr(PackedLinear, "_packed",
+                            lambda self, w: calls.append(1) or real(self, w))
+        with torch.inference_mode():
+            model.model.layers[0].mlp.down_proj(torch.randn(1, 64))
+        assert calls
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for rows in (1, 2, 3, 9, 17, 40):
@@ -149,6 +161,22 @@ def test_fp32_small_batch_kernel_is_measured_once_or_forced(monkeypatch):
     monkeypatch.setenv("PERTOKEN_FP32_GEMM", "blas")
     with pytest.raises(ValueError, match="mkl or onednn"):
         fp32_small_batch_kernel()
+
+
+def test_fp32_one_row_choice_is_measured_once_or_forced(monkeypatch):
+    monkeypatch.delenv("PERTOKEN_FP32_ONE_ROW", raising=False)
+    monkeypatch.setattr("pertoken.models._ONE_ROW", {})
+    assert fp32_one_row_packed(None) is False  # no packed kernel: nothing to take
+    kernel = fp32_small_batch_kernel()
+    if kernel is not None:
+        choice = fp32_one_row_packed(kernel)
+        assert isinstance(choice, bool)
+        assert fp32_one_row_packed(kernel) == choice  # kept for this kernel and thread count
+    monkeypatch.setenv("PERTOKEN_FP32_ONE_ROW", "packed")
+    assert fp32_one_row_packed("onednn") is True and fp32_one_row_packed(None) is False
+    monkeypatch.setenv("PERTOKEN_FP32_ONE_ROW", "sometimes")
+    with pytest.raises(ValueError, match="packed or plain"):
+        fp32_one_row_packed("onednn")
 
 
 @needs_mkl

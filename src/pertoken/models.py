@@ -272,8 +272,6 @@ def fp32_small_batch_kernel() -> str | None:
     576x1536 and 1536x576 weights, each kernel 15 times, interleaved, medians summed (a few
     milliseconds). On a 2-core AMD EPYC VM at 2 threads oneDNN took about 0.6x MKL's time on
     those shapes and 0.35-0.5x on SmolLM2's 49k-row LM head."""
-    import statistics
-
     forced = os.environ.get("PERTOKEN_FP32_GEMM")
     if forced:
         if forced not in ("mkl", "onednn"):
@@ -302,15 +300,7 @@ def fp32_small_batch_kernel() -> str | None:
     if len(kernels) < 2:
         choice = next(iter(kernels), None)
     else:
-        times: dict[str, list[list[float]]] = {k: [[], []] for k in kernels}
-        with torch.inference_mode():
-            for _ in range(16):
-                for name, calls in kernels.items():
-                    for i, call in enumerate(calls):
-                        start = time.perf_counter()
-                        call()
-                        times[name][i].append(time.perf_counter() - start)
-        cost = {k: sum(statistics.median(t[1:]) for t in v) for k, v in times.items()}
+        cost = _summed_medians(kernels)
         choice = min(cost, key=cost.get)
         log.info("fp32 GEMM for a few rows: %s (8 rows, %s)", choice,
                  ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in cost.items()))
@@ -318,15 +308,81 @@ def fp32_small_batch_kernel() -> str | None:
     return choice
 
 
+def _summed_medians(kernels: dict, repeats: int = 16) -> dict[str, float]:
+    """``{name: seconds}``: each kernel's calls timed ``repeats`` times, the kernels
+    interleaved, the first round dropped, each call's median summed."""
+    import statistics
+
+    times = {k: [[] for _ in calls] for k, calls in kernels.items()}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, calls in kernels.items():
+                for i, call in enumerate(calls):
+                    start = time.perf_counter()
+                    call()
+                    times[name][i].append(time.perf_counter() - start)
+    return {k: sum(statistics.median(t[1:]) for t in v) for k, v in times.items()}
+
+
+_ONE_ROW: dict[tuple[str, int], bool] = {}
+
+
+def fp32_one_row_packed(kernel: str | None) -> bool:
+    """Whether one row (a decode step) runs faster on ``kernel``'s packed weight (``"mkl"`` or
+    ``"onednn"``, as :func:`fp32_small_batch_kernel` chose) than through ``F.linear`` on the
+    column-major weight, on this CPU at the current thread count; ``$PERTOKEN_FP32_ONE_ROW``
+    (``packed`` or ``plain``) overrides. Measured once per process, kernel and thread count:
+    one row through 576x1536, 1536x576 and 4096x576 weights, 16 times each, interleaved (a
+    few milliseconds). On a 2-core AMD EPYC VM at 2 threads, SmolLM2-135M's decode step took
+    53.7 ms on oneDNN's packed weights against 68.4 ms through ``F.linear`` (68.0 with the
+    stock row-major weights), with logits within 4e-5: plain decoding, the baseline of
+    speculative decoding, would otherwise run slower than the tree passes of 2-8 tokens."""
+    forced = os.environ.get("PERTOKEN_FP32_ONE_ROW")
+    if forced:
+        if forced not in ("packed", "plain"):
+            raise ValueError(f"PERTOKEN_FP32_ONE_ROW must be packed or plain, got {forced!r}")
+        return forced == "packed" and kernel is not None
+    if kernel is None:
+        return False
+    key = (kernel, torch.get_num_threads())
+    if key not in _ONE_ROW:
+        gen = torch.Generator().manual_seed(0)
+        shapes = [(1536, 576), (576, 1536), (4096, 576)]
+        weights = [torch.randn(k, n, generator=gen).t() for n, k in shapes]  # column-major
+        inputs = [torch.randn(1, k, generator=gen) for _, k in shapes]
+        if kernel == "onednn":
+            packs = [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(),
+                                                             PackedLinear.PACK_ROWS)
+                     for w in weights]
+            packed = [lambda i=i: torch.ops.mkldnn._linear_pointwise(
+                inputs[i], packs[i], None, "none", [], "") for i in range(len(shapes))]
+        else:
+            packs = [torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(),
+                                                              PackedLinear.PACK_ROWS)
+                     for w in weights]
+            packed = [lambda i=i: torch.ops.mkl._mkl_linear(inputs[i], packs[i], weights[i],
+                                                            None, 1) for i in range(len(shapes))]
+        plain = [lambda i=i: torch.nn.functional.linear(inputs[i], weights[i])
+                 for i in range(len(shapes))]
+        cost = _summed_medians({"packed": packed, "plain": plain})
+        _ONE_ROW[key] = cost["packed"] < cost["plain"]
+        log.info("fp32 one-row linears: %s (%s %.3f ms, F.linear %.3f ms)",
+                 "packed" if _ONE_ROW[key] else "F.linear", kernel, cost["packed"] * 1e3,
+                 cost["plain"] * 1e3)
+    return _ONE_ROW[key]
+
+
 class PackedLinear(torch.nn.Linear):
-    """An ``nn.Linear`` that, without autograd and for two or more rows, multiplies by a copy of
-    its weight packed once for MKL's GEMM (``cblas_sgemm_pack``, the kernel inductor uses for
-    frozen fp32 linears on CPU) or reordered once for oneDNN's linear, whichever
-    :func:`fp32_small_batch_kernel` measured faster on this CPU (``fp32_kernel``); one row, and
-    anything that needs gradients, takes the plain ``F.linear``. In bf16 every call without
-    autograd runs oneDNN's linear on a weight reordered once for it (``F.linear`` reorders it
-    on every call): on SmolLM2-135M at 2 threads on an AMX CPU a 1-token pass takes 30.5 ms
-    instead of 37.9 and a 16-token one 34.1 instead of 41.5, with identical logits.
+    """An ``nn.Linear`` that, without autograd and for two or more rows, multiplies by a copy of its
+    weight packed once for MKL's GEMM (``cblas_sgemm_pack``, the kernel inductor uses for frozen
+    fp32 linears on CPU) or reordered once for oneDNN's linear, whichever
+    :func:`fp32_small_batch_kernel` measured faster on this CPU (``fp32_kernel``); one row takes
+    it too where :func:`fp32_one_row_packed` measured it faster than ``F.linear``
+    (``one_row_packed``), and anything that needs gradients takes the plain ``F.linear``. In
+    bf16 every call without autograd runs oneDNN's linear on a weight reordered once for it
+    (``F.linear`` reorders it on every call): on SmolLM2-135M at 2 threads on an AMX CPU a
+    1-token pass takes 30.5 ms instead of 37.9 and a 16-token one 34.1 instead of 41.5, with
+    identical logits.
 
     A plain fp32 GEMM packs the weight again on every call, which for a handful of rows costs
     as much as the arithmetic: on SmolLM2-135M a 9-token tree pass took 2.3x the linear time of
@@ -340,6 +396,10 @@ class PackedLinear(torch.nn.Linear):
     fp32_kernel: str | None = "mkl"
     """the fp32 GEMM for two or more rows, ``"mkl"`` or ``"onednn"``
     (:func:`fp32_small_batch_kernel`; :func:`small_batch_layout` sets it per module)"""
+
+    one_row_packed: bool = False
+    """whether fp32 calls of one row also take the packed copy (:func:`fp32_one_row_packed`;
+    :func:`small_batch_layout` sets it per module)"""
 
     PACK_ROWS = 32
     """the row count the pack is tuned for (one pack serves every count; 32 measured well
@@ -378,7 +438,8 @@ class PackedLinear(torch.nn.Linear):
         bf16 = x.dtype == torch.bfloat16
         rows = x.numel() // weight.shape[1]
         if (torch.is_grad_enabled() or x.dtype != weight.dtype
-                or not (bf16 or (x.dtype == torch.float32 and rows >= 2))):
+                or not (bf16 or (x.dtype == torch.float32
+                                 and (rows >= 2 or self.one_row_packed)))):
             return torch.nn.functional.linear(x, weight, self._parameters["bias"])
         fast = self._packed(weight)
         if fast[3] is None:
@@ -399,9 +460,10 @@ def small_batch_layout(model, pack: bool = True):
     :func:`fp32_small_batch_kernel` chose (measured on SmolLM2-135M at one thread, MKL's: the
     linears of a 9-token pass take 52 ms instead of 73, the tied 49k-row head 12 instead of 20).
     The copies cost memory: for SmolLM2-135M, 1.2-1.3 GB more with either kernel's.
-    One-row calls use the weight itself, stored column-major: torch's fp32 GEMM for a handful of
-    rows runs faster with the weight transposed in memory, while one-row decoding is no slower
-    (measured: 8 rows through a 576x1536 projection, 0.29 ms against 0.56 ms). bf16: with
+    One-row calls use the weight itself (unless :func:`fp32_one_row_packed` measured the packed copy
+    faster), stored column-major: torch's fp32 GEMM for a handful of rows runs faster with the
+    weight transposed in memory, while one-row decoding is no slower (measured: 8 rows through a
+    576x1536 projection, 0.29 ms against 0.56 ms). bf16: with
     ``pack`` (and oneDNN's bf16 linear available) each linear becomes a :class:`PackedLinear`
     running every call on a oneDNN-reordered copy (270 MB more for SmolLM2-135M); the weights
     keep their layout. Values, shapes, tied weights and ``state_dict`` keys are unchanged; only
@@ -413,10 +475,11 @@ def small_batch_layout(model, pack: bool = True):
     if not params or params[0].device.type != "cpu":
         return model
     fp32 = params[0].dtype == torch.float32
-    kernel = None
+    kernel, one_row = None, False
     if fp32:
         kernel = fp32_small_batch_kernel() if pack else None
         pack = kernel is not None
+        one_row = fp32_one_row_packed(kernel) if pack else False
     elif params[0].dtype == torch.bfloat16:
         pack = pack and bf16_packing_available()
     else:
@@ -433,6 +496,8 @@ def small_batch_layout(model, pack: bool = True):
                 if fp32 and module.fp32_kernel != kernel:
                     module.fp32_kernel = kernel
                     module.__dict__.pop("_fast", None)
+                if fp32:
+                    module.one_row_packed = one_row
     return model
 
 

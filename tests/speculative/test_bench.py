@@ -220,3 +220,7 @@ def test_cost_cache_key_follows_the_fp32_kernel():
     for m in linears:
         m.fp32_kernel = "onednn" if m.fp32_kernel == "mkl" else "mkl"
     assert bench._machine_key("t", model) != before
+    after = bench._machine_key("t", model)
+    for m in linears:
+        m.one_row_packed = not m.one_row_packed
+    assert bench._machine_key("t", model) not in (before, after)

@@ -144,10 +144,13 @@ def measure_tree_costs(model, sizes: Sequence[int], context: int = 256, repeats:
 
 
 def fp32_gemm(model) -> str | None:
-    """The GEMM an fp32 model's packed linears run for a few rows (``"mkl"`` or ``"onednn"``),
-    ``None`` when it has none."""
-    return next((m.fp32_kernel for m in model.modules() if isinstance(m, PackedLinear)
-                 and m.weight.dtype == torch.float32), None)
+    """The GEMM an fp32 model's packed linears run for a few rows (``"mkl"`` or ``"onednn"``,
+    with ``"+one-row"`` where one-row calls take it too), ``None`` when it has none."""
+    linear = next((m for m in model.modules() if isinstance(m, PackedLinear)
+                   and m.weight.dtype == torch.float32), None)
+    if linear is None or linear.fp32_kernel is None:
+        return None
+    return linear.fp32_kernel + ("+one-row" if linear.one_row_packed else "")
 
 
 def _machine_key(name: str, model) -> str:
