@@ -288,15 +288,9 @@ def fp32_small_batch_kernel() -> str | None:
     weights = [torch.randn(n, k, generator=gen) for n, k in shapes]
     inputs = [torch.randn(8, k, generator=gen) for _, k in shapes]
     if mkl_packing_available():
-        packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, PackedLinear.PACK_ROWS)
-                  for w in weights]
-        kernels["mkl"] = [lambda i=i: torch.ops.mkl._mkl_linear(inputs[i], packed[i], weights[i],
-                                                                None, 8) for i in range(2)]
+        kernels["mkl"] = _packed_calls("mkl", weights, inputs)
     if onednn_fp32_available():
-        reordered = [torch.ops.mkldnn._reorder_linear_weight(w, PackedLinear.PACK_ROWS)
-                     for w in weights]
-        kernels["onednn"] = [lambda i=i: torch.ops.mkldnn._linear_pointwise(
-            inputs[i], reordered[i], None, "none", [], "") for i in range(2)]
+        kernels["onednn"] = _packed_calls("onednn", weights, inputs)
     if len(kernels) < 2:
         choice = next(iter(kernels), None)
     else:
@@ -306,6 +300,22 @@ def fp32_small_batch_kernel() -> str | None:
                  ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in cost.items()))
     _FP32_KERNELS[threads] = choice
     return choice
+
+
+def _packed_calls(kernel: str, weights: list, inputs: list) -> list:
+    """One timing call per weight: its input through ``kernel``'s (``"mkl"`` or ``"onednn"``)
+    packed copy of it, packed here once."""
+    rows = [x.shape[0] for x in inputs]
+    if kernel == "onednn":
+        packs = [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PackedLinear.PACK_ROWS)
+                 for w in weights]
+        return [lambda i=i: torch.ops.mkldnn._linear_pointwise(inputs[i], packs[i], None, "none",
+                                                               [], "")
+                for i in range(len(weights))]
+    packs = [torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(), PackedLinear.PACK_ROWS)
+             for w in weights]
+    return [lambda i=i: torch.ops.mkl._mkl_linear(inputs[i], packs[i], weights[i], None, rows[i])
+            for i in range(len(weights))]
 
 
 def _summed_medians(kernels: dict, repeats: int = 16) -> dict[str, float]:
@@ -350,21 +360,10 @@ def fp32_one_row_packed(kernel: str | None) -> bool:
         shapes = [(1536, 576), (576, 1536), (4096, 576)]
         weights = [torch.randn(k, n, generator=gen).t() for n, k in shapes]  # column-major
         inputs = [torch.randn(1, k, generator=gen) for _, k in shapes]
-        if kernel == "onednn":
-            packs = [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(),
-                                                             PackedLinear.PACK_ROWS)
-                     for w in weights]
-            packed = [lambda i=i: torch.ops.mkldnn._linear_pointwise(
-                inputs[i], packs[i], None, "none", [], "") for i in range(len(shapes))]
-        else:
-            packs = [torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(),
-                                                              PackedLinear.PACK_ROWS)
-                     for w in weights]
-            packed = [lambda i=i: torch.ops.mkl._mkl_linear(inputs[i], packs[i], weights[i],
-                                                            None, 1) for i in range(len(shapes))]
         plain = [lambda i=i: torch.nn.functional.linear(inputs[i], weights[i])
                  for i in range(len(shapes))]
-        cost = _summed_medians({"packed": packed, "plain": plain})
+        cost = _summed_medians({"packed": _packed_calls(kernel, weights, inputs),
+                                "plain": plain})
         _ONE_ROW[key] = cost["packed"] < cost["plain"]
         log.info("fp32 one-row linears: %s (%s %.3f ms, F.linear %.3f ms)",
                  "packed" if _ONE_ROW[key] else "F.linear", kernel, cost["packed"] * 1e3,
