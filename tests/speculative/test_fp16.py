@@ -94,3 +94,53 @@ def test_non_float32_drafts_are_left_alone():
     draft = draft.to(torch.bfloat16)
     fp16_draft(draft)
     assert any(isinstance(m, torch.nn.Linear) for m in draft.modules())
+
+
+def _saved_pair(tmp_path):
+    target, tokenizer = tiny_llama(seed=31, num_hidden_layers=2, hidden_size=32,
+                                   intermediate_size=64)
+    target.save_pretrained(tmp_path / "target")
+    tokenizer.save_pretrained(tmp_path / "target")
+    head = _head(target, 34)
+    head.save(tmp_path / "head", {"target": "tiny"})
+    return head
+
+
+def test_beside_a_bfloat16_target_the_draft_runs_in_float32_on_float16_weights(tmp_path):
+    from pertoken.speculative.cli import _load_pair
+
+    head = _saved_pair(tmp_path)
+    target, _, loaded = _load_pair(str(tmp_path / "target"), str(tmp_path / "head"), "bfloat16",
+                                   fp16_draft=True)
+    assert next(target.parameters()).dtype == torch.bfloat16
+    assert loaded.dtype == torch.float32
+    assert not any(isinstance(m, torch.nn.Linear) for m in loaded.modules())
+    # the saved float32 weights rounded once, to float16: not through bfloat16 first
+    assert torch.equal(loaded.fc._weight_bias()[0], head.fc.weight.detach().half().float())
+    rows = target.get_output_embeddings().weight[head.vocab].float()
+    assert torch.equal(loaded.vocab_projection._weight_bias()[0], rows.half().float())
+    # the head's float32 logits and features beside the target's bfloat16 ones: it only proposes
+    rng = random.Random(5)
+    for trial in range(4):
+        prompt = [rng.randrange(4, 260) for _ in range(rng.randrange(1, 10))]
+        plain = generate(target, None, prompt, method="ar", max_new_tokens=16).tokens
+        for method in ("dyspec", "chain"):
+            out = generate(target, loaded, prompt, method=method, budget=6, max_new_tokens=16,
+                           seed=trial)
+            assert out.tokens == plain, (prompt, method)
+            sampled = generate(target, loaded, prompt, method=method, budget=6,
+                               max_new_tokens=16, seed=trial, temperature=1.0)
+            assert len(sampled.tokens) == 16
+
+
+def test_without_fp16_drafts_the_draft_takes_the_target_dtype(tmp_path, monkeypatch):
+    from pertoken.speculative import cli
+
+    _saved_pair(tmp_path)
+    args = str(tmp_path / "target"), str(tmp_path / "head"), "bfloat16"
+    assert cli._load_pair(*args, fp16_draft=False)[2].dtype == torch.bfloat16
+    assert cli._load_pair(str(tmp_path / "target"), str(tmp_path / "target"), "bfloat16",
+                          fp16_draft=False)[2].dtype == torch.bfloat16
+    monkeypatch.setattr("pertoken.speculative.fp16.fp16_available", lambda: False)
+    assert cli._draft_dtype("bfloat16", True) == "bfloat16"
+    assert cli._load_pair(*args, fp16_draft=True)[2].dtype == torch.bfloat16

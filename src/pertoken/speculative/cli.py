@@ -16,7 +16,10 @@ def _load_pair(model: str, draft: str | None, dtype: str, fp16_draft: bool = Fal
     method, plain decoding included, then runs on the same model objects. A draft folder holding an
     EAGLE head loads as an :class:`~pertoken.speculative.eagle.EagleHead` bound to the target.
     With ``fp16_draft`` the draft runs on float16 weights
-    (:func:`~pertoken.speculative.fp16.fp16_draft`)."""
+    (:func:`~pertoken.speculative.fp16.fp16_draft`), loaded in float32 whatever ``dtype``
+    (:func:`_draft_dtype`)."""
+    import torch
+
     from pertoken.models import load_model
     from pertoken.speculative.eagle import is_eagle, load_eagle
     from pertoken.speculative.tree import use_gqa_attention
@@ -25,11 +28,25 @@ def _load_pair(model: str, draft: str | None, dtype: str, fp16_draft: bool = Fal
     target = _for_trees(target)
     if not draft:
         return target, tokenizer, None
+    draft_dtype = _draft_dtype(dtype, fp16_draft)
     if is_eagle(draft):
-        model = use_gqa_attention(load_eagle(draft, target).small_batch_layout())
+        head = load_eagle(draft, target, getattr(torch, draft_dtype))
+        model = use_gqa_attention(head.small_batch_layout())
     else:
-        model = _for_trees(load_model(draft, dtype=dtype)[0])
+        model = _for_trees(load_model(draft, dtype=draft_dtype)[0])
     return target, tokenizer, _fp16(model) if fp16_draft else model
+
+
+def _draft_dtype(dtype: str, fp16_draft: bool) -> str:
+    """The dtype a draft loads in: float32 where it will run on fbgemm's float16 linears
+    (which take float32 only), even beside a bfloat16 target; else the target's ``dtype``.
+    Float16 weights are as small as bfloat16 ones, keep three more mantissa bits, and fbgemm's
+    kernel is the faster: timed by hand at two threads, one call of the EAGLE head took 2.6 ms
+    against 3.9 ms in bfloat16. Mixed dtypes are fine downstream: the draft only proposes,
+    the target's logits decide."""
+    from pertoken.speculative.fp16 import fp16_available
+
+    return "float32" if fp16_draft and fp16_available() else dtype
 
 
 def _fp16(draft):
@@ -259,7 +276,8 @@ def _bench(args) -> int:
     target, tokenizer, draft = _load_pair(args.model, args.draft, args.dtype, args.fp16_draft)
     assistant = None
     if args.assistant:
-        assistant = _for_trees(load_model(args.assistant, dtype=args.dtype)[0])
+        assistant = load_model(args.assistant, dtype=_draft_dtype(args.dtype, args.fp16_draft))
+        assistant = _for_trees(assistant[0])
         assistant = _fp16(assistant) if args.fp16_draft else assistant
     for model in (draft, assistant):
         if model is not None and model.config.vocab_size != target.config.vocab_size:
@@ -291,9 +309,9 @@ def _add_pair_and_drafting(p, default_model: str) -> None:
                         "sampling) the drafts' law (default 1.0 for an EAGLE head, 0.6 for a "
                         "draft model); the output law stays the target's")
     p.add_argument("--fp16-draft", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the draft's (and bench's --assistant's) weights in float16: "
-                        "float32 CPU drafts only; faster draft calls, the same drafts, the "
-                        "output unchanged (default: on)")
+                   help="run the draft (and bench's --assistant) in float32 on float16 "
+                        "weights, whatever --dtype: faster draft calls, the output "
+                        "unchanged (default: on)")
 
 
 def add_commands(commands, parser_class, positive_int) -> None:

@@ -231,9 +231,11 @@ def head_info(path: str | Path, target=None) -> dict:
     return info
 
 
-def load_eagle(path: str | Path, target) -> EagleHead:
+def load_eagle(path: str | Path, target, dtype: torch.dtype | None = None) -> EagleHead:
     """Load a head saved by :meth:`EagleHead.save` beside ``target`` (its embedding and LM
-    head are bound, in the target's dtype)."""
+    head are bound), in ``dtype``: the target's by default. The saved weights are float32,
+    so a float32 head over a bfloat16 target holds them unrounded (the bound LM-head rows
+    are the target's, cast)."""
     from safetensors.torch import load_file
 
     info = head_info(path, target)
@@ -241,8 +243,7 @@ def load_eagle(path: str | Path, target) -> EagleHead:
     vocab = state.pop("vocab")
     head = EagleHead(target, vocab, info.get("feature_layers", ()))
     head.load_state_dict(state)
-    dtype = next(target.parameters()).dtype
-    return head.to(dtype).eval()
+    return head.to(dtype or next(target.parameters()).dtype).eval()
 
 
 class EagleRunner:
