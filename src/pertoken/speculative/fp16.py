@@ -16,7 +16,8 @@ a median of 2.8): with only the LM head on it the target's top-1 agreed with flo
 of wiki-en tokens, with every linear on it on 48%.
 
 Only the swap is written here; the kernels are torch's (fbgemm). Float32 CPU models only;
-anything else is left as it is. For inference: a swapped model's ``state_dict`` holds packed
+anything else is left as it is (the CLI loads a draft in float32 for it, beside a bfloat16
+target too: ``pertoken.speculative.cli._draft_dtype``). For inference: a swapped model's ``state_dict`` holds packed
 parameters, so save before converting.
 """
 
