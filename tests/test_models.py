@@ -6,9 +6,9 @@ import torch
 from pertoken.errors import UserError
 from pertoken.models import (ALIASES, DEFAULT_MODEL, convert_gguf, find_package_file, list_models,
                              PackedLinear, bf16_packing_available, fp32_one_row_packed,
-                             fp32_small_batch_kernel,
-                             load_model, mkl_packing_available, onednn_fp32_available, resolve,
-                             small_batch_layout, tiny_byte_tokenizer, tiny_llama)
+                             fp32_small_batch_kernel, load_model, mkl_packing_available,
+                             onednn_fp32_available, resolve, small_batch_layout,
+                             tiny_byte_tokenizer, tiny_llama)
 
 
 def test_tiny_tokenizer_round_trips_arbitrary_text():

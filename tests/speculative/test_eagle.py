@@ -19,6 +19,7 @@ from pertoken.speculative.generate import generate
 from pertoken.speculative.verify import verify_greedy
 from pertoken.speculative.tree import accepted_keep, compact_cache, tree_forward
 
+from .heads import random_prompts, saved_pair
 from .paths import node_path
 
 TEMPERATURE = 0.7
@@ -127,21 +128,10 @@ def test_greedy_with_the_head_stays_exact_in_the_cli_layout(tmp_path):
     from pertoken.speculative.cli import _load_pair
     from pertoken.speculative.tree import GQA_SDPA
 
-    target, tokenizer = tiny_llama(seed=31, num_hidden_layers=2, hidden_size=32,
-                                   intermediate_size=64)
-    target.save_pretrained(tmp_path / "target")
-    tokenizer.save_pretrained(tmp_path / "target")
-    torch.manual_seed(33)
-    head = EagleHead(target, torch.arange(3, target.config.vocab_size, 2)).eval()
-    with torch.no_grad():
-        for p in head.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    head.save(tmp_path / "head", {"target": "tiny"})
+    target, _ = saved_pair(tmp_path, head_seed=33)
     laid, _, loaded = _load_pair(str(tmp_path / "target"), str(tmp_path / "head"), "float32")
     assert laid.config._attn_implementation == GQA_SDPA == loaded.config._attn_implementation
-    rng = random.Random(2)
-    for trial in range(4):
-        prompt = [rng.randrange(4, 260) for _ in range(rng.randrange(1, 10))]
+    for trial, prompt in enumerate(random_prompts(2)):
         plain = generate(target, None, prompt, method="ar", max_new_tokens=16).tokens
         for method in ("dyspec", "tree"):
             out = generate(laid, loaded, prompt, method=method, budget=8, max_new_tokens=16,

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from pertoken.models import tiny_llama
-from pertoken.speculative.eagle import EagleHead
 from pertoken.speculative.generate import generate
 from pertoken.speculative.fp16 import fp16_available, fp16_draft, fp16_linear
+
+from .heads import nudged_head, random_prompts, saved_pair
 
 pytestmark = pytest.mark.skipif(not fp16_available(), reason="no fbgemm float16 linear")
 
@@ -32,22 +33,13 @@ def test_fp16_linear_computes_with_the_weights_rounded_to_float16():
     assert fp16_linear(weight)(x).shape == (2, 5, 7)
 
 
-def _head(target, seed):
-    torch.manual_seed(seed)
-    head = EagleHead(target, torch.arange(3, target.config.vocab_size, 2)).eval()
-    with torch.no_grad():
-        for p in head.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return head
-
-
 @torch.inference_mode()
 def test_fp16_head_is_close_to_the_float_head_and_cannot_be_saved(tmp_path):
     target, _ = tiny_llama(seed=31, num_hidden_layers=2, hidden_size=32, intermediate_size=64)
     ids, feats = torch.randint(0, 256, (1, 12)), torch.randn(1, 12, 32)
-    float_head = _head(target, 33)
+    float_head = nudged_head(target, 33)
     want_g, want = float_head(ids, feats)
-    head = fp16_draft(_head(target, 33))
+    head = fp16_draft(nudged_head(target, 33))
     assert not any(isinstance(m, torch.nn.Linear) for m in head.modules())
     assert head.dtype == torch.float32
     got_g, got = head(ids, feats)
@@ -61,7 +53,7 @@ def test_fp16_head_is_close_to_the_float_head_and_cannot_be_saved(tmp_path):
 def test_greedy_with_an_fp16_draft_is_token_identical_to_plain_greedy(kind):
     target, _ = tiny_llama(seed=31, num_hidden_layers=2, hidden_size=32, intermediate_size=64)
     if kind == "eagle":
-        draft = _head(target, 34)
+        draft = nudged_head(target, 34)
     else:
         draft = tiny_llama(seed=32, num_hidden_layers=1, hidden_size=32, intermediate_size=64)[0]
     fp16_draft(draft)
@@ -96,20 +88,10 @@ def test_non_float32_drafts_are_left_alone():
     assert any(isinstance(m, torch.nn.Linear) for m in draft.modules())
 
 
-def _saved_pair(tmp_path):
-    target, tokenizer = tiny_llama(seed=31, num_hidden_layers=2, hidden_size=32,
-                                   intermediate_size=64)
-    target.save_pretrained(tmp_path / "target")
-    tokenizer.save_pretrained(tmp_path / "target")
-    head = _head(target, 34)
-    head.save(tmp_path / "head", {"target": "tiny"})
-    return head
-
-
 def test_beside_a_bfloat16_target_the_draft_runs_in_float32_on_float16_weights(tmp_path):
-    from pertoken.speculative.cli import _load_pair
+    from pertoken.speculative.cli import _draft_model, _load_pair
 
-    head = _saved_pair(tmp_path)
+    _, head = saved_pair(tmp_path, head_seed=34)
     target, _, loaded = _load_pair(str(tmp_path / "target"), str(tmp_path / "head"), "bfloat16",
                                    fp16_draft=True)
     assert next(target.parameters()).dtype == torch.bfloat16
@@ -119,10 +101,12 @@ def test_beside_a_bfloat16_target_the_draft_runs_in_float32_on_float16_weights(t
     assert torch.equal(loaded.fc._weight_bias()[0], head.fc.weight.detach().half().float())
     rows = target.get_output_embeddings().weight[head.vocab].float()
     assert torch.equal(loaded.vocab_projection._weight_bias()[0], rows.half().float())
+    # a draft model too (bench's --assistant loads the same way)
+    model = _draft_model(str(tmp_path / "target"), "bfloat16", fp16_draft=True)
+    assert model.dtype == torch.float32
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     # the head's float32 logits and features beside the target's bfloat16 ones: it only proposes
-    rng = random.Random(5)
-    for trial in range(4):
-        prompt = [rng.randrange(4, 260) for _ in range(rng.randrange(1, 10))]
+    for trial, prompt in enumerate(random_prompts(5)):
         plain = generate(target, None, prompt, method="ar", max_new_tokens=16).tokens
         for method in ("dyspec", "chain"):
             out = generate(target, loaded, prompt, method=method, budget=6, max_new_tokens=16,
@@ -136,7 +120,7 @@ def test_beside_a_bfloat16_target_the_draft_runs_in_float32_on_float16_weights(t
 def test_without_fp16_drafts_the_draft_takes_the_target_dtype(tmp_path, monkeypatch):
     from pertoken.speculative import cli
 
-    _saved_pair(tmp_path)
+    saved_pair(tmp_path, head_seed=34)
     args = str(tmp_path / "target"), str(tmp_path / "head"), "bfloat16"
     assert cli._load_pair(*args, fp16_draft=False)[2].dtype == torch.bfloat16
     assert cli._load_pair(str(tmp_path / "target"), str(tmp_path / "target"), "bfloat16",

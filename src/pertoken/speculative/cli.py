@@ -28,13 +28,20 @@ def _load_pair(model: str, draft: str | None, dtype: str, fp16_draft: bool = Fal
     target = _for_trees(target)
     if not draft:
         return target, tokenizer, None
-    draft_dtype = _draft_dtype(dtype, fp16_draft)
     if is_eagle(draft):
-        head = load_eagle(draft, target, getattr(torch, draft_dtype))
+        head = load_eagle(draft, target, getattr(torch, _draft_dtype(dtype, fp16_draft)))
         model = use_gqa_attention(head.small_batch_layout())
-    else:
-        model = _for_trees(load_model(draft, dtype=draft_dtype)[0])
-    return target, tokenizer, _fp16(model) if fp16_draft else model
+        return target, tokenizer, _fp16(model) if fp16_draft else model
+    return target, tokenizer, _draft_model(draft, dtype, fp16_draft)
+
+
+def _draft_model(path: str, dtype: str, fp16_draft: bool):
+    """A draft model (a transformers folder: ``--draft``, or bench's ``--assistant``) beside a
+    ``dtype`` target, laid out for tree passes, on float16 weights with ``fp16_draft``."""
+    from pertoken.models import load_model
+
+    model = _for_trees(load_model(path, dtype=_draft_dtype(dtype, fp16_draft))[0])
+    return _fp16(model) if fp16_draft else model
 
 
 def _draft_dtype(dtype: str, fp16_draft: bool) -> str:
@@ -258,7 +265,7 @@ def _bench(args) -> int:
     import torch
 
     from pertoken.atomic import write_json_atomic
-    from pertoken.models import load_model, resolve
+    from pertoken.models import resolve
     from pertoken.speculative.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(model=args.model, draft=args.draft, methods=args.methods,
@@ -276,9 +283,7 @@ def _bench(args) -> int:
     target, tokenizer, draft = _load_pair(args.model, args.draft, args.dtype, args.fp16_draft)
     assistant = None
     if args.assistant:
-        assistant = load_model(args.assistant, dtype=_draft_dtype(args.dtype, args.fp16_draft))
-        assistant = _for_trees(assistant[0])
-        assistant = _fp16(assistant) if args.fp16_draft else assistant
+        assistant = _draft_model(args.assistant, args.dtype, args.fp16_draft)
     for model in (draft, assistant):
         if model is not None and model.config.vocab_size != target.config.vocab_size:
             raise UserError("the draft and the target have different vocabularies "

@@ -17,8 +17,8 @@ of wiki-en tokens, with every linear on it on 48%.
 
 Only the swap is written here; the kernels are torch's (fbgemm). Float32 CPU models only;
 anything else is left as it is (the CLI loads a draft in float32 for it, beside a bfloat16
-target too: ``pertoken.speculative.cli._draft_dtype``). For inference: a swapped model's ``state_dict`` holds packed
-parameters, so save before converting.
+target too: ``pertoken.speculative.cli._draft_dtype``). For inference: a swapped model's
+``state_dict`` holds packed parameters, so save before converting.
 """
 
 from __future__ import annotations
